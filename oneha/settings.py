@@ -1,0 +1,232 @@
+"""All of oneha's settings in one typed model: a TOML file plus `ONEHA_*` environment overrides.
+
+Precedence, highest first: environment (`ONEHA_SECTION__FIELD`, e.g. `ONEHA_REDIS__URL`), the TOML file given with
+`--config` (or `ONEHA_CONFIG`), the defaults below. OpenNebula's own conventions are honoured too: `ONE_XMLRPC` for the
+endpoint and `ONE_AUTH` for the path of the `user:password` file. Credentials never come from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+HostAction = Literal["migrate", "recreate", "delete", "none"]
+VmFailureAction = Literal["recreate", "delete", "none"]
+VmCrashAction = Literal["resume", "none"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why. The CLI exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterPolicy(_Strict):
+    """What to do when a host or VM of a cluster fails. `[policy.default]`, overridden per `[policy.clusters.N]`."""
+
+    host_action: HostAction = Field("recreate", description=(
+        "migrate: `resched`, only for VMs on a shared system datastore; recreate: `recover 4` (disks recreated, "
+        "state lost); delete: `recover 3`; none: fence and report only."))
+    migrate_fallback: Literal["recreate", "none"] = Field("recreate", description=(
+        "With host_action=migrate, what happens to a VM whose system datastore is not shared (its disks died with "
+        "the host, so it cannot be migrated): recreate it, or leave it and report."))
+    include_suspended: bool = Field(False, description=(
+        "Also recover SUSPENDED and POWEROFF VMs of a failed host (host_error.rb's DoSuspended / -f)."))
+    host_grace_s: float = Field(60.0, ge=0, description=(
+        "How long a host must stay in ERROR before anything is done: tolerance to spurious network errors. "
+        "A host back to MONITORED within it cancels the incident."))
+    fencing: list[str] | Literal["none"] | None = Field(None, description=(
+        "Fence command as an argument list (run without a shell; base64 host XML on stdin, exit 0 = fenced, "
+        "OpenNebula's fence_host.sh contract), or \"none\" to skip fencing on purpose. Unset = fail closed: "
+        "no VM of a failed host is recovered until fencing is configured."))
+    fence_timeout_s: float = Field(60.0, gt=0, description="Time limit of one fence attempt.")
+    fence_attempts: int = Field(3, ge=1, description="Fence attempts before the incident becomes fence_failed.")
+    vm_failure_action: VmFailureAction = Field("recreate", description="For a VM in an LCM *_FAILURE state.")
+    vm_failure_grace_s: float = Field(0.0, ge=0, description="Wait before acting on a failed VM.")
+    vm_crash_action: VmCrashAction = Field("resume", description=(
+        "For a VM in ACTIVE/UNKNOWN on a MONITORED host: resume boots it again on the same host."))
+    vm_crash_grace_s: float = Field(60.0, ge=0, description="How long a VM must stay UNKNOWN on a healthy host.")
+
+
+class ClusterOverride(_Strict):
+    """Any subset of ClusterPolicy's fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host_action: HostAction | None = None
+    migrate_fallback: Literal["recreate", "none"] | None = None
+    include_suspended: bool | None = None
+    host_grace_s: float | None = Field(None, ge=0)
+    fencing: list[str] | Literal["none"] | None = None
+    fence_timeout_s: float | None = Field(None, gt=0)
+    fence_attempts: int | None = Field(None, ge=1)
+    vm_failure_action: VmFailureAction | None = None
+    vm_failure_grace_s: float | None = Field(None, ge=0)
+    vm_crash_action: VmCrashAction | None = None
+    vm_crash_grace_s: float | None = Field(None, ge=0)
+
+
+class Policy(_Strict):
+    default: ClusterPolicy = ClusterPolicy()
+    clusters: dict[int, ClusterOverride] = Field(default_factory=dict, description="Overrides by cluster ID.")
+
+    def for_cluster(self, cluster_id: int) -> ClusterPolicy:
+        override = self.clusters.get(cluster_id)
+        if override is None:
+            return self.default
+        return self.default.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class OnedSettings(_Strict):
+    endpoint: str = Field(default_factory=lambda: os.environ.get("ONE_XMLRPC", "http://localhost:2633/RPC2"),
+                          description="oned's XML-RPC endpoint (http:// or https://). Default: $ONE_XMLRPC.")
+    auth_file: Path = Field(
+        default_factory=lambda: Path(os.environ.get("ONE_AUTH", Path.home() / ".one" / "one_auth")),
+        description="File holding `user:password` (OpenNebula's ONE_AUTH convention).")
+    session: SecretStr | None = Field(None, description=(
+        "`user:password` directly; only from the environment (ONEHA_ONED__SESSION), never from a file in git."))
+    https_verify: bool | str = Field(True, description="Verify oned's TLS certificate; or a CA bundle path.")
+    connect_timeout_s: float = Field(3.0, gt=0)
+    read_timeout_s: float = Field(15.0, gt=0, description="A hung oned fails the call after this long.")
+    max_concurrent_calls: int = Field(8, ge=1, description=(
+        "Cap on oned calls in flight across the whole worker pool (a Redis semaphore)."))
+    call_attempts: int = Field(5, ge=1, description="Attempts for a call failing transiently.")
+    backoff_base_s: float = Field(0.2, gt=0)
+    backoff_max_s: float = Field(5.0, gt=0)
+
+    def read_session(self) -> str:
+        if self.session is not None:
+            return self.session.get_secret_value()
+        try:
+            text = self.auth_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read oned credentials from {self.auth_file}: {exc.strerror}") from exc
+        if ":" not in text:
+            raise ConfigError(f"{self.auth_file} must hold `user:password`")
+        return text.splitlines()[0]
+
+
+class RedisSettings(_Strict):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Incident store, locks and due times.")
+    key_prefix: str = Field("oneha", description="Prefix of every key oneha writes.")
+
+
+class BrokerSettings(_Strict):
+    url: str | None = Field(None, description="Celery broker URL (redis:// or amqp://). Default: redis.url.")
+    visibility_timeout_s: int = Field(1800, ge=60, description=(
+        "Redis broker: an unacked message is delivered again after this long (REFERENCE §6). Task time limits "
+        "stay below it; a dead worker's incident is picked up sooner by the due-time watchdog."))
+
+
+class SubscriberSettings(_Strict):
+    zmq_endpoints: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:2101"], description=(
+        "one_hm publishers; list every front-end of an HA cluster (only the leader publishes)."))
+    zmq_rcvhwm: int = Field(100_000, ge=1, description="Receive high-water mark (messages).")
+    max_event_bytes: int = Field(1 << 20, ge=4096, description="Larger event payloads are rejected.")
+    buffer_events: int = Field(10_000, ge=1, description="Events kept in memory while Redis is unreachable.")
+    reconcile_interval_s: float = Field(30.0, gt=0, description="Scan of hosts in ERROR and their VMs.")
+    full_scan_interval_s: float = Field(300.0, gt=0, description=(
+        "Scan of the whole VM pool (paged) for failure states and crashes on healthy hosts."))
+    dispatch_interval_s: float = Field(0.5, gt=0, description="How often due incidents are handed to workers.")
+    metrics_port: int | None = Field(9641, description="Prometheus metrics port; none to disable.")
+    metrics_bind: str = "127.0.0.1"
+
+
+class WorkerSettings(_Strict):
+    dry_run: bool = Field(False, description="Do everything up to the mutating oned call, log it, change nothing.")
+    lock_ttl_s: float = Field(30.0, gt=0, description="Host/VM lock lease; renewed while the flow runs.")
+    task_lease_s: float = Field(60.0, gt=0, description=(
+        "An incident whose worker went silent this long is dispatched again (the flows are idempotent)."))
+    confirm_timeout_s: float = Field(120.0, gt=0, description="Deadline for a VM to be seen leaving the host.")
+    vm_attempts: int = Field(3, ge=1, description="Attempts to recover one VM before it is reported failed.")
+    storm_max_share: float = Field(0.4, gt=0, le=1, description=(
+        "Hold host incidents when more than this share of a cluster's hosts are in ERROR at once."))
+    storm_max_hosts: int = Field(5, ge=1, description="...or when more than this many hosts failed within storm_window_s.")
+    storm_window_s: float = Field(120.0, gt=0)
+    storm_recheck_s: float = Field(10.0, gt=0, description="How often a held incident re-checks the condition.")
+    vm_failure_max_recoveries: int = Field(3, ge=1, description="Loop protection: recoveries of one VM per window.")
+    vm_failure_window_s: float = Field(3600.0, gt=0)
+    metrics_port: int | None = Field(9642, description="Prometheus metrics port of the worker node; none to disable.")
+    metrics_bind: str = "127.0.0.1"
+
+
+class AuditSettings(_Strict):
+    retention_s: int = Field(14 * 86400, ge=60, description="How long closed incidents are kept.")
+    max_incidents: int = Field(10_000, ge=10, description="Closed incidents kept at most.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONEHA_", env_nested_delimiter="__", extra="forbid",
+                                      frozen=True)
+
+    oned: OnedSettings = Field(default_factory=OnedSettings)
+    redis: RedisSettings = RedisSettings()
+    broker: BrokerSettings = BrokerSettings()
+    policy: Policy = Policy()
+    subscriber: SubscriberSettings = SubscriberSettings()
+    worker: WorkerSettings = WorkerSettings()
+    audit: AuditSettings = AuditSettings()
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url or self.redis.url
+
+    @model_validator(mode="after")
+    def _fencing_needs_commands(self) -> Settings:
+        for name, policy in [("default", self.policy.default), *self.policy.clusters.items()]:
+            fencing = policy.fencing
+            if isinstance(fencing, list) and not fencing:
+                raise ValueError(f"policy.{name}.fencing: give a command list or \"none\"")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("ONEHA_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+    @cached_property
+    def oned_session(self) -> str:
+        return self.oned.read_session()
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate; any problem becomes a ConfigError with a readable message."""
+    previous = os.environ.get("ONEHA_CONFIG")
+    try:
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            os.environ["ONEHA_CONFIG"] = str(path)
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from exc
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read config: {exc}") from exc
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop("ONEHA_CONFIG", None)
+            else:
+                os.environ["ONEHA_CONFIG"] = previous
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = [f"invalid configuration ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
