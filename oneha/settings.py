@@ -147,12 +147,12 @@ class WorkerSettings(_Strict):
     vm_attempts: int = Field(3, ge=1, description="Attempts to recover one VM before it is reported failed.")
     storm_max_share: float = Field(0.4, gt=0, le=1, description=(
         "Hold host incidents when more than this share of a cluster's hosts are in ERROR at once."))
-    storm_max_hosts: int = Field(5, ge=1, description="...or when more than this many hosts failed within storm_window_s.")
+    storm_max_hosts: int = Field(5, ge=1, description="...or more than this many hosts failed within storm_window_s.")
     storm_window_s: float = Field(120.0, gt=0)
     storm_recheck_s: float = Field(10.0, gt=0, description="How often a held incident re-checks the condition.")
     vm_failure_max_recoveries: int = Field(3, ge=1, description="Loop protection: recoveries of one VM per window.")
     vm_failure_window_s: float = Field(3600.0, gt=0)
-    metrics_port: int | None = Field(9642, description="Prometheus metrics port of the worker node; none to disable.")
+    metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
     metrics_bind: str = "127.0.0.1"
 
 
@@ -179,7 +179,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fencing_needs_commands(self) -> Settings:
-        for name, policy in [("default", self.policy.default), *self.policy.clusters.items()]:
+        named: list[tuple[object, ClusterPolicy | ClusterOverride]] = [("default", self.policy.default)]
+        named += list(self.policy.clusters.items())
+        for name, policy in named:
             fencing = policy.fencing
             if isinstance(fencing, list) and not fencing:
                 raise ValueError(f"policy.{name}.fencing: give a command list or \"none\"")

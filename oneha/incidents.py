@@ -1,0 +1,328 @@
+"""Incidents: one per failure, however many times and ways it is reported; kept and changed atomically in Redis.
+
+An incident is open from the first report until a worker (or a cancellation) closes it. While open, the key
+`open:<resource>:<id>` points at it, so every further report (repeats, both key forms, other subscribers, the bridge,
+the reconciler) only bumps its `reports` counter. Closing it leaves a `handled` marker, so a host that stays in ERROR
+after its VMs were recovered does not open a new incident on every reconcile tick; the marker goes when the host is
+seen healthy again (or, for a VM, when it has been deployed again: its history sequence changed).
+
+The `due` sorted set says when an open incident next needs a worker: at the end of its grace period, when a held
+incident should re-check, or when the lease of the worker handling it runs out (a dead worker's incident is simply
+dispatched again; the flows are idempotent).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from oneha.keys import Keys, Resource
+
+
+class Kind(StrEnum):
+    HOST = "host"
+    VM_FAILURE = "vm_failure"
+    VM_CRASH = "vm_crash"
+
+    @property
+    def resource(self) -> Resource:
+        return "host" if self is Kind.HOST else "vm"
+
+
+class Status(StrEnum):
+    WAITING = "waiting"  # grace period running
+    QUEUED = "queued"  # handed to the workers
+    RUNNING = "running"
+    HELD = "held"  # storm guard: waits for approval or for the condition to clear
+    FENCE_FAILED = "fence_failed"  # fail closed: nothing recovered, an operator must look
+    RECOVERING = "recovering"  # VM tasks of a host incident under way
+    RECOVERED = "recovered"
+    PARTIAL = "partial"  # some VMs could not be recovered
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # the host came back within its grace period
+    NO_ACTION = "no_action"  # nothing to do (came back, disabled by an operator, owned by a host incident...)
+
+    @property
+    def is_open(self) -> bool:
+        return self not in CLOSED_STATUSES
+
+
+CLOSED_STATUSES = frozenset({Status.RECOVERED, Status.PARTIAL, Status.FAILED, Status.CANCELLED, Status.NO_ACTION})
+
+
+@dataclass
+class Incident:
+    id: int
+    kind: Kind
+    resource_id: int
+    cluster_id: int
+    status: Status
+    source: str
+    opened_at: float
+    due_at: float
+    updated_at: float
+    closed_at: float | None = None
+    reports: int = 1
+    approved: bool = False
+    detail: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> Incident:
+        known = {"id", "kind", "resource_id", "cluster_id", "status", "source", "opened_at", "due_at",
+                 "updated_at", "closed_at", "reports", "approved", "detail"}
+        return cls(
+            id=int(data["id"]),
+            kind=Kind(data["kind"]),
+            resource_id=int(data["resource_id"]),
+            cluster_id=int(data.get("cluster_id", -1)),
+            status=Status(data["status"]),
+            source=data.get("source", ""),
+            opened_at=float(data["opened_at"]),
+            due_at=float(data.get("due_at", 0)),
+            updated_at=float(data.get("updated_at", 0)),
+            closed_at=float(data["closed_at"]) if data.get("closed_at") else None,
+            reports=int(data.get("reports", 1)),
+            approved=data.get("approved") == "1",
+            detail=data.get("detail", ""),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """The outcome of reporting a failure."""
+
+    incident_id: int
+    opened: bool  # False: it collapsed into an existing incident or a handled failure
+    reason: str = ""  # why not opened: "open" or "handled"
+
+
+# KEYS: open key, handled hash, seq, due zset, index zset.
+# ARGV: prefix, kind, resource id, cluster id, now, due, source, handled-token (VM history seq or "").
+_REPORT = """
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  redis.call('HINCRBY', ARGV[1] .. ':incident:' .. existing, 'reports', 1)
+  return {tonumber(existing), 0, 'open'}
+end
+local handled = redis.call('HGET', KEYS[2], ARGV[3])
+if handled then
+  local sep = string.find(handled, ':', 1, true)
+  local token = sep and string.sub(handled, sep + 1) or ''
+  if token == ARGV[8] then
+    local hid = sep and string.sub(handled, 1, sep - 1) or handled
+    return {tonumber(hid), 0, 'handled'}
+  end
+  redis.call('HDEL', KEYS[2], ARGV[3])
+end
+local id = redis.call('INCR', KEYS[3])
+local key = ARGV[1] .. ':incident:' .. id
+redis.call('SET', KEYS[1], id)
+redis.call('HSET', key, 'id', id, 'kind', ARGV[2], 'resource_id', ARGV[3], 'cluster_id', ARGV[4],
+  'status', 'waiting', 'source', ARGV[7], 'opened_at', ARGV[5], 'due_at', ARGV[6], 'updated_at', ARGV[5],
+  'reports', 1, 'approved', 0, 'detail', '', 'token', ARGV[8])
+redis.call('ZADD', KEYS[4], ARGV[6], id)
+redis.call('ZADD', KEYS[5], ARGV[5], id)
+return {id, 1, ''}
+"""
+
+# KEYS: open key, due zset. ARGV: prefix, now, detail. Cancels only an incident still in its grace period.
+_CANCEL_WAITING = """
+local id = redis.call('GET', KEYS[1])
+if not id then return nil end
+local key = ARGV[1] .. ':incident:' .. id
+if redis.call('HGET', key, 'status') ~= 'waiting' then return nil end
+redis.call('HSET', key, 'status', 'cancelled', 'closed_at', ARGV[2], 'updated_at', ARGV[2], 'detail', ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], id)
+return tonumber(id)
+"""
+
+# KEYS: due zset. ARGV: now, lease end, limit. Claims due incidents by pushing their due time to the lease end,
+# so that concurrent dispatchers never hand out the same incident twice within one lease.
+_CLAIM_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+# KEYS: open key, due zset, handled hash, incident hash. ARGV: id, status, now, detail, resource id, handled value.
+_CLOSE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[4], 'status', ARGV[2], 'closed_at', ARGV[3], 'updated_at', ARGV[3], 'detail', ARGV[4])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[6]) end
+return 1
+"""
+
+
+class IncidentStore:
+    """All reads and writes of incidents. Thread-safe (redis-py clients are)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys | None = None, retention_s: int = 14 * 86400,
+                 max_incidents: int = 10_000, log_entries: int = 500) -> None:
+        self.r = client
+        self.keys = keys or Keys()
+        self.retention_s = retention_s
+        self.max_incidents = max_incidents
+        self.log_entries = log_entries
+        self._report = client.register_script(_REPORT)
+        self._cancel = client.register_script(_CANCEL_WAITING)
+        self._claim = client.register_script(_CLAIM_DUE)
+        self._close = client.register_script(_CLOSE)
+
+    # Intake ----------------------------------------------------------------------------------------------------
+    def report(self, kind: Kind, resource_id: int, cluster_id: int, grace_s: float, source: str,
+               token: str = "", now: float | None = None) -> Report:
+        """Open an incident for a failure, or collapse the report into the one already open/handled.
+
+        `token` tells failure episodes of one VM apart (its history sequence): a handled marker with another
+        token is stale and no longer suppresses.
+        """
+        now = time.time() if now is None else now
+        k = self.keys
+        res = kind.resource
+        raw = self._report(
+            keys=[k.open_incident(res, resource_id), k.handled(res), k.incident_seq, k.due, k.incident_index],
+            args=[k.prefix, kind.value, resource_id, cluster_id, now, now + grace_s, source, token],
+        )
+        incident_id, opened, reason = int(raw[0]), bool(int(raw[1])), _text(raw[2])
+        if opened:
+            self.audit(incident_id, "opened", source=source, grace_s=grace_s)
+        return Report(incident_id, opened, reason)
+
+    def cancel_waiting(self, resource: Resource, resource_id: int, detail: str) -> int | None:
+        """Cancel the open incident of a resource if it is still in its grace period; its id, or None."""
+        now = time.time()
+        raw = self._cancel(keys=[self.keys.open_incident(resource, resource_id), self.keys.due],
+                           args=[self.keys.prefix, now, detail])
+        if raw is None:
+            return None
+        self.audit(int(raw), "cancelled", detail=detail)
+        self._expire(int(raw))
+        return int(raw)
+
+    def clear_handled(self, resource: Resource, resource_ids: list[int]) -> int:
+        """Forget handled markers of resources seen healthy again: a new failure opens a new incident."""
+        if not resource_ids:
+            return 0
+        return int(self.r.hdel(self.keys.handled(resource), *[str(i) for i in resource_ids]))
+
+    def handled_ids(self, resource: Resource) -> dict[int, str]:
+        return {int(k): _text(v) for k, v in self.r.hgetall(self.keys.handled(resource)).items()}
+
+    def open_incident_id(self, resource: Resource, resource_id: int) -> int | None:
+        raw = self.r.get(self.keys.open_incident(resource, resource_id))
+        return int(raw) if raw is not None else None
+
+    # Dispatch --------------------------------------------------------------------------------------------------
+    def claim_due(self, lease_s: float, limit: int = 500, now: float | None = None) -> list[int]:
+        now = time.time() if now is None else now
+        raw = self._claim(keys=[self.keys.due], args=[now, now + lease_s, limit])
+        return [int(i) for i in raw]
+
+    def schedule(self, incident_id: int, at: float) -> None:
+        """Next time a worker must look at this incident (only if it is still open: XX)."""
+        self.r.zadd(self.keys.due, {str(incident_id): at}, xx=True)
+        self.r.hset(self.keys.incident(incident_id), "due_at", at)
+
+    def unschedule(self, incident_id: int) -> None:
+        self.r.zrem(self.keys.due, str(incident_id))
+
+    def approve(self, incident_id: int) -> Incident:
+        inc = self.get(incident_id)
+        if inc is None:
+            raise KeyError(incident_id)
+        if not inc.status.is_open:
+            raise ValueError(f"incident {incident_id} is closed ({inc.status})")
+        self.r.hset(self.keys.incident(incident_id), mapping={"approved": 1, "updated_at": time.time()})
+        self.r.zadd(self.keys.due, {str(incident_id): time.time()})
+        self.audit(incident_id, "approved")
+        return self.get(incident_id) or inc
+
+    # Worker updates ------------------------------------------------------------------------------------------
+    def set_status(self, incident_id: int, status: Status, detail: str = "", **fields: Any) -> None:
+        mapping: dict[Any, Any] = {"status": status.value, "updated_at": time.time(), **fields}
+        if detail:
+            mapping["detail"] = detail
+        self.r.hset(self.keys.incident(incident_id), mapping=mapping)
+        self.audit(incident_id, f"status:{status.value}", detail=detail)
+
+    def set_fields(self, incident_id: int, **fields: Any) -> None:
+        mapping: dict[Any, Any] = {**fields, "updated_at": time.time()}
+        self.r.hset(self.keys.incident(incident_id), mapping=mapping)
+
+    def close(self, incident: Incident, status: Status, detail: str = "", handled: bool = True,
+              handled_token: str = "") -> None:
+        """Close an incident. `handled` leaves the marker that suppresses repeats of this same failure."""
+        assert not status.is_open
+        k = self.keys
+        res = incident.kind.resource
+        marker = f"{incident.id}:{handled_token}" if handled else ""
+        self._close(
+            keys=[k.open_incident(res, incident.resource_id), k.due, k.handled(res), k.incident(incident.id)],
+            args=[incident.id, status.value, time.time(), detail, incident.resource_id, marker],
+        )
+        self.audit(incident.id, f"closed:{status.value}", detail=detail)
+        self._expire(incident.id)
+
+    def record_vm(self, incident_id: int, vm_id: int, record: dict[str, Any]) -> None:
+        self.r.hset(self.keys.incident_vms(incident_id), str(vm_id), json.dumps(record, sort_keys=True))
+
+    def vm_records(self, incident_id: int) -> dict[int, dict[str, Any]]:
+        raw = self.r.hgetall(self.keys.incident_vms(incident_id))
+        return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def audit(self, incident_id: int, event: str, **fields: Any) -> None:
+        entry = json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=str, sort_keys=True)
+        key = self.keys.incident_log(incident_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(key, entry)
+        pipe.ltrim(key, -self.log_entries, -1)
+        pipe.execute()
+
+    def log(self, incident_id: int) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.r.lrange(self.keys.incident_log(incident_id), 0, -1)]
+
+    # Reading ---------------------------------------------------------------------------------------------------
+    def get(self, incident_id: int) -> Incident | None:
+        raw = self.r.hgetall(self.keys.incident(incident_id))
+        if not raw:
+            return None
+        return Incident.from_hash({_text(k): _text(v) for k, v in raw.items()})
+
+    def recent(self, limit: int = 50) -> list[Incident]:
+        ids = self.r.zrevrange(self.keys.incident_index, 0, limit - 1)
+        found = (self.get(int(_text(i))) for i in ids)
+        return [inc for inc in found if inc is not None]
+
+    def open_incidents(self) -> list[Incident]:
+        return [inc for inc in self.recent(self.max_incidents) if inc.status.is_open]
+
+    # Retention -------------------------------------------------------------------------------------------------
+    def _expire(self, incident_id: int) -> None:
+        k = self.keys
+        pipe = self.r.pipeline(transaction=False)
+        for key in (k.incident(incident_id), k.incident_vms(incident_id), k.incident_log(incident_id),
+                    k.incident_pending_vms(incident_id)):
+            pipe.expire(key, self.retention_s)
+        pipe.zremrangebyscore(k.incident_index, "-inf", time.time() - self.retention_s)
+        pipe.zremrangebyrank(k.incident_index, 0, -self.max_incidents - 1)
+        pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def as_dict(incident: Incident) -> dict[str, Any]:
+    data = asdict(incident)
+    data["kind"] = incident.kind.value
+    data["status"] = incident.status.value
+    return data
