@@ -232,6 +232,8 @@ class VmView:
     hid: int | None
     hostname: str | None
     ds_id: int | None
+    cluster_id: int = -1  # CID of the last history record: the cluster of the host it was deployed on
+    history_seq: int = -1  # SEQ of the last history record; changes with every (re)deployment
     resched: bool = False
     user_template: Mapping[str, str] = field(default_factory=dict)
 
@@ -261,6 +263,8 @@ class VmView:
             hid=_int(last.findtext("HID")) if last is not None else None,
             hostname=last.findtext("HOSTNAME") if last is not None else None,
             ds_id=_int(last.findtext("DS_ID")) if last is not None else None,
+            cluster_id=_int(last.findtext("CID")) if last is not None else -1,
+            history_seq=_int(last.findtext("SEQ")) if last is not None else -1,
             resched=vm.findtext("RESCHED") == "1",
             user_template=_flat_template(vm.find("USER_TEMPLATE")),
         )
@@ -277,6 +281,8 @@ class VmView:
             hid=int(last.HID) if last is not None else None,
             hostname=str(last.HOSTNAME) if last is not None else None,
             ds_id=int(last.DS_ID) if last is not None else None,
+            cluster_id=_int(str(last.CID)) if last is not None else -1,
+            history_seq=int(last.SEQ) if last is not None else -1,
             resched=str(getattr(vm, "RESCHED", "0")) == "1",
             user_template=_flat_dict(getattr(vm, "USER_TEMPLATE", None)),
         )

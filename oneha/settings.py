@@ -119,7 +119,7 @@ class RedisSettings(_Strict):
 
 class BrokerSettings(_Strict):
     url: str | None = Field(None, description="Celery broker URL (redis:// or amqp://). Default: redis.url.")
-    visibility_timeout_s: int = Field(1800, ge=60, description=(
+    visibility_timeout_s: int = Field(1800, ge=600, description=(
         "Redis broker: an unacked message is delivered again after this long (REFERENCE §6). Task time limits "
         "stay below it; a dead worker's incident is picked up sooner by the due-time watchdog."))
 

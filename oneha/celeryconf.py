@@ -1,0 +1,45 @@
+"""Celery settings shared by the workers (consumers) and the subscriber (producer), chosen for safety.
+
+Every process on the same broker must use the same transport options: with Redis, the shortest
+visibility timeout of any client wins (REFERENCE §6).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oneha.keys import VM_QUEUE
+from oneha.settings import Settings
+
+# A flow step never runs longer than this; both stay far below the visibility timeout, so a task still running is
+# never delivered a second time by the broker. (A dead worker's incident is re-dispatched by the due-time
+# watchdog long before the visibility timeout would.)
+TASK_SOFT_TIME_LIMIT_S = 240
+TASK_TIME_LIMIT_S = 300
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    visibility_s = settings.broker.visibility_timeout_s
+    assert visibility_s > TASK_TIME_LIMIT_S, "time limits must stay below the visibility timeout"
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": {"visibility_timeout": visibility_s},
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": VM_QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        # Flows are idempotent (they re-read oned before acting), so acking after the run is safe and means a
+        # message is not lost with a worker that dies mid-task.
+        "task_acks_late": True,
+        # A child killed mid-task: retried like Task.retry, bounded by the task's max_retries (Celery 5.7),
+        # rather than requeued forever (task_reject_on_worker_lost) or dropped (acks_late alone).
+        "task_retry_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": TASK_SOFT_TIME_LIMIT_S,
+        "task_time_limit": TASK_TIME_LIMIT_S,
+        "worker_send_task_events": True,  # Flower shows tasks
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
