@@ -1,0 +1,343 @@
+"""oned's XML-RPC API over the lab model, plus the lab.* fault-injection methods, at http://<bind>:<port>/RPC2.
+
+Replies follow oned (REFERENCE §4): `[True, body_or_id, 0]` or `[False, "[method] message", code, id]`. Arguments
+are checked against each method's signature first, so wrong types or missing arguments get an RPC_API (0x1000)
+error instead of a traceback; an unknown method gets an XML-RPC fault as xmlrpc-c gives (-506). lab.* methods use
+the same reply convention, so a client tells errors apart the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import socketserver
+import threading
+import time
+import xmlrpc.client
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+
+from lab import xmlwriter
+from lab.cloud import Cloud, LabError, Vm
+from lab.events import EventPublisher
+from oneha.opennebula import ErrorCode, VmState
+
+Reply = list[Any]
+
+# name -> (required argument types after the session, optional ones). bool is checked apart from int, since
+# XML-RPC keeps them distinct and oned's xmlrpc-c rejects one for the other.
+SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
+    "one.hostpool.info": ((), (int, int, int)),
+    "one.host.info": ((int,), (bool,)),
+    "one.host.status": ((int, int), ()),
+    "one.vmpool.info": ((int, int, int, int), (str,)),  # the Ruby OCA appends a filter string
+    "one.vmpool.infoextended": ((int, int, int, int), (str,)),
+    "one.vmpool.infoset": ((str, bool), ()),
+    "one.vm.info": ((int,), (bool,)),
+    "one.vm.action": ((str, int), ()),
+    "one.vm.recover": ((int, int), ()),
+    "one.vm.migrate": ((int, int, bool), (bool, int, int)),
+    "one.vm.deploy": ((int, int), (bool, int, str)),
+    "one.datastorepool.info": ((), (int, int, int)),
+    "one.system.version": ((), ()),
+    "one.system.config": ((), ()),
+    "lab.host.kill": ((int,), ()),
+    "lab.host.partition": ((int,), ()),
+    "lab.host.revive": ((int,), ()),
+    "lab.host.fence": ((int,), ()),
+    "lab.vm.crash": ((int,), ()),
+    "lab.vm.fail": ((int,), (str, bool)),
+    "lab.vm.create": ((dict,), ()),
+    "lab.faults": ((), (dict,)),
+    "lab.oracle": ((), (float,)),
+    "lab.stats": ((), (bool,)),
+}
+
+ONED_VERSION = "7.2.0"
+
+
+class Faults:
+    """Knobs applied to one.* calls. `hang` blocks calls until it is cleared (or the server stops)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.latency_ms = 0.0
+        self.error_rate = 0.0
+        self.event_drop_rate = 0.0
+        self.released = threading.Event()
+        self.released.set()
+        self.rng = random.Random(seed)  # noqa: S311 - simulation, not security
+        self.lock = threading.Lock()
+
+    @property
+    def hang(self) -> bool:
+        return not self.released.is_set()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"latency_ms": self.latency_ms, "error_rate": self.error_rate,
+                "event_drop_rate": self.event_drop_rate, "hang": self.hang}
+
+    def update(self, knobs: dict[str, Any]) -> None:
+        for name in ("latency_ms", "error_rate", "event_drop_rate"):
+            if name in knobs:
+                value = knobs[name]
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise LabError(ErrorCode.XML_RPC_API, f"{name} must be a non-negative number")
+                setattr(self, name, float(value))
+        unknown = set(knobs) - {"latency_ms", "error_rate", "event_drop_rate", "hang"}
+        if unknown:
+            raise LabError(ErrorCode.XML_RPC_API, f"unknown fault knobs: {sorted(unknown)}")
+        if "hang" in knobs:
+            (self.released.clear if knobs["hang"] else self.released.set)()
+
+    def roll_error(self) -> bool:
+        with self.lock:
+            return self.error_rate > 0 and self.rng.random() < self.error_rate
+
+
+class Stats:
+    """Calls per method and the most one.* calls in flight at once (oneha must cap its concurrency)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def enter(self, method: str) -> None:
+        with self.lock:
+            self.calls[method] += 1
+            if method.startswith("one."):
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def leave(self, method: str) -> None:
+        if method.startswith("one."):
+            with self.lock:
+                self.in_flight -= 1
+
+    def as_dict(self, reset: bool) -> dict[str, Any]:
+        with self.lock:
+            out = {"calls": dict(self.calls), "max_concurrent": self.max_in_flight, "in_flight": self.in_flight,
+                   "total_one_calls": sum(n for m, n in self.calls.items() if m.startswith("one."))}
+            if reset:
+                self.calls.clear()
+                self.max_in_flight = self.in_flight
+        return out
+
+
+class _Handler(SimpleXMLRPCRequestHandler):
+    rpc_paths = ("/RPC2",)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a lab under load would flood stderr
+
+
+class _Server(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
+    daemon_threads = True
+    request_queue_size = 256
+    allow_reuse_address = True
+
+
+class LabRpc:
+    """The API: checks the session and arguments, applies faults, dispatches to the model."""
+
+    def __init__(self, cloud: Cloud, session: str, faults: Faults, stats: Stats,
+                 events: EventPublisher | None) -> None:
+        self.cloud = cloud
+        self.session = session
+        self.faults = faults
+        self.stats = stats
+        self.events = events
+        self.handlers: dict[str, Callable[..., Any]] = {
+            "one.hostpool.info": self.hostpool_info, "one.host.info": self.host_info,
+            "one.host.status": _ack(lambda hid, status: cloud.host_status(hid, status), "hid"),
+            "one.vmpool.info": self.vmpool_info, "one.vmpool.infoextended": self.vmpool_info_extended,
+            "one.vmpool.infoset": self.vmpool_infoset, "one.vm.info": self.vm_info,
+            "one.vm.action": _ack(lambda action, vid: cloud.vm_action(action, vid), "vid"),
+            "one.vm.recover": _ack(lambda vid, op: cloud.vm_recover(vid, op), "vid"),
+            "one.vm.migrate": _ack(lambda vid, hid, live, *_: cloud.vm_migrate(vid, hid, live), "vid"),
+            "one.vm.deploy": _ack(lambda vid, hid, *_: cloud.vm_deploy(vid, hid), "vid"),
+            "one.datastorepool.info": self.datastorepool_info,
+            "one.system.version": lambda: ONED_VERSION, "one.system.config": self.system_config,
+            "lab.host.kill": _ack(lambda hid: cloud.host_kill(hid), "hid"),
+            "lab.host.partition": _ack(lambda hid: cloud.host_partition(hid), "hid"),
+            "lab.host.revive": _ack(lambda hid: cloud.host_revive(hid), "hid"),
+            "lab.host.fence": _ack(lambda hid: cloud.host_fence(hid), "hid"),
+            "lab.vm.crash": _ack(lambda vid: cloud.vm_crash(vid), "vid"),
+            "lab.vm.fail": _ack(lambda vid, name="BOOT_FAILURE", sticky=False: cloud.vm_fail(vid, name, sticky), "vid"),
+            "lab.vm.create": cloud.create_vm, "lab.faults": self.set_faults,
+            "lab.oracle": lambda since=0.0: cloud.oracle(since), "lab.stats": self.get_stats,
+        }
+
+    # -- dispatch ------------------------------------------------------------------------------------------------
+
+    def dispatch(self, method: str, params: tuple[Any, ...]) -> Reply:
+        if method not in self.handlers:
+            raise xmlrpc.client.Fault(-506, f"Method '{method}' not defined")
+        self.stats.enter(method)
+        try:
+            return self._call(method, params)
+        finally:
+            self.stats.leave(method)
+
+    def _call(self, method: str, params: tuple[Any, ...]) -> Reply:
+        if not params or not isinstance(params[0], str):
+            return _error(method, ErrorCode.XML_RPC_API, "Incorrect parameters: the session string is missing", -1)
+        if params[0] != self.session:
+            return _error(method, ErrorCode.AUTHENTICATION, "User couldn't be authenticated, aborting call.", -1)
+        args = params[1:]
+        problem = _check_args(method, args)
+        if problem:
+            return _error(method, ErrorCode.XML_RPC_API, problem, _first_int(args))
+        if method.startswith("one."):
+            failed = self._inject_faults()
+            if failed:
+                return _error(method, ErrorCode.INTERNAL, failed, _first_int(args))
+        try:
+            return [True, self.handlers[method](*args), 0]
+        except LabError as exc:
+            return _error(method, exc.code, exc.message, exc.obj_id if exc.obj_id >= 0 else _first_int(args))
+
+    def _inject_faults(self) -> str | None:
+        self.faults.released.wait()
+        if self.faults.latency_ms > 0:
+            time.sleep(self.faults.latency_ms / 1000.0)  # injected latency: the only sleep in request handling
+        if self.faults.roll_error():
+            return "Internal error (injected by lab.faults error_rate)"
+        return None
+
+    # -- one.* ---------------------------------------------------------------------------------------------------
+
+    def hostpool_info(self, *_: int) -> str:
+        with self.cloud.lock:
+            return xmlwriter.host_pool_xml(self.cloud)
+
+    def host_info(self, hid: int, decrypt: bool = False) -> str:
+        with self.cloud.lock:
+            return xmlwriter.host_xml(self.cloud, self.cloud.get_host(hid))
+
+    def vm_info(self, vid: int, decrypt: bool = False) -> str:
+        with self.cloud.lock:
+            return xmlwriter.vm_xml(self.cloud, self.cloud.get_vm(vid), full=True)
+
+    def vmpool_info(self, filt: int, start: int, end: int, state: int, _query: str = "") -> str:
+        return self._vmpool(filt, start, end, state, full=False)
+
+    def vmpool_info_extended(self, filt: int, start: int, end: int, state: int, _query: str = "") -> str:
+        return self._vmpool(filt, start, end, state, full=True)
+
+    def _vmpool(self, filt: int, start: int, end: int, state: int, full: bool) -> str:
+        if state < -2 or state > 11:
+            raise LabError(ErrorCode.XML_RPC_API, f"Incorrect filter_flag, state {state}")
+        with self.cloud.lock:
+            # Every lab VM belongs to oneadmin (uid 0): -2 all, -3 mine, -1 mine and my groups, 0 = uid 0.
+            vms = list(self.cloud.vms.values()) if filt in (-3, -2, -1, 0) else []
+            selected = [v for v in vms if _in_range(v.id, start, end) and _state_matches(v, state)]
+            return xmlwriter.vm_pool_xml(self.cloud, selected, full)
+
+    def vmpool_infoset(self, ids: str, extended: bool) -> str:
+        try:
+            wanted = [int(part) for part in ids.split(",") if part.strip()]
+        except ValueError:
+            raise LabError(ErrorCode.XML_RPC_API, f"Incorrect ID set: {ids[:80]!r}") from None
+        with self.cloud.lock:
+            vms = [self.cloud.vms[i] for i in sorted(set(wanted)) if i in self.cloud.vms]
+            return xmlwriter.vm_pool_xml(self.cloud, vms, extended)
+
+    def datastorepool_info(self, *_: int) -> str:
+        with self.cloud.lock:
+            return xmlwriter.datastore_pool_xml(self.cloud)
+
+    def system_config(self) -> str:
+        # oned.conf as XML; MONITORING_INTERVAL_HOST is gone since 5.12 (REFERENCE §1), so it is not here either.
+        return ("<OPENNEBULA_CONFIGURATION><DEFAULT_UMASK>177</DEFAULT_UMASK><MANAGER_TIMER>15</MANAGER_TIMER>"
+                "<PORT>2633</PORT><VM_SUBMIT_ON_HOLD>NO</VM_SUBMIT_ON_HOLD>"
+                "<HM_MAD><EXECUTABLE>one_hm</EXECUTABLE><ARGUMENTS>-p 2101 -l 2102 -b 127.0.0.1</ARGUMENTS>"
+                "</HM_MAD></OPENNEBULA_CONFIGURATION>")
+
+    # -- lab.* ---------------------------------------------------------------------------------------------------
+
+    def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if knobs:
+            self.faults.update(knobs)
+            if self.events is not None:
+                self.events.drop_rate = self.faults.event_drop_rate
+        return self.faults.as_dict()
+
+    def get_stats(self, reset: bool = False) -> dict[str, Any]:
+        out = self.stats.as_dict(reset)
+        if self.events is not None:
+            out["events_sent"] = self.events.sent
+            out["events_dropped"] = self.events.dropped
+        return out
+
+
+def _ack(action: Callable[..., None], id_name: str) -> Callable[..., int]:
+    """oned answers an action with the ID of the object acted on."""
+    position = action.__code__.co_varnames.index(id_name)
+
+    def run(*args: Any) -> int:
+        action(*args)
+        return int(args[position])
+
+    return run
+
+
+def _check_args(method: str, args: tuple[Any, ...]) -> str | None:
+    required, optional = SIGNATURES[method]
+    if len(args) < len(required) or len(args) > len(required) + len(optional):
+        return (f"Incorrect parameters: {method} takes {len(required)} to {len(required) + len(optional)} "
+                f"arguments after the session, got {len(args)}")
+    for i, (arg, kind) in enumerate(zip(args, required + optional, strict=False)):
+        ok = isinstance(arg, bool) if kind is bool else (
+            isinstance(arg, int | float) and not isinstance(arg, bool) if kind is float else
+            isinstance(arg, kind) and not (kind is int and isinstance(arg, bool)))
+        if not ok:
+            return f"Incorrect parameter {i + 1}: expected {kind.__name__}, got {type(arg).__name__}"
+    return None
+
+
+def _first_int(args: tuple[Any, ...]) -> int:
+    for arg in args:
+        if isinstance(arg, int) and not isinstance(arg, bool):
+            return arg
+    return -1
+
+
+def _error(method: str, code: ErrorCode, message: str, obj_id: int) -> Reply:
+    return [False, f"[{method}] {message}", int(code), obj_id]
+
+
+def _in_range(vid: int, start: int, end: int) -> bool:
+    return (start < 0 or vid >= start) and (end < 0 or vid <= end)
+
+
+def _state_matches(vm: Vm, state: int) -> bool:
+    if state == -2:
+        return True
+    if state == -1:
+        return vm.state != VmState.DONE
+    return int(vm.state) == state
+
+
+class RpcServer:
+    """The threaded HTTP server. `port=0` picks a free port; `.port` tells which."""
+
+    def __init__(self, api: LabRpc, bind: str = "127.0.0.1", port: int = 2633) -> None:
+        self.api = api
+        self.server = _Server((bind, port), requestHandler=_Handler, logRequests=False, allow_none=False)
+        self.server._dispatch = api.dispatch  # type: ignore[method-assign,assignment]
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://{bind}:{self.port}/RPC2"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="lab-rpc", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.api.faults.released.set()  # let hung calls finish
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
