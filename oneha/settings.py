@@ -85,20 +85,22 @@ class Policy(_Strict):
 
 class OnedSettings(_Strict):
     endpoint: str = Field(default_factory=lambda: os.environ.get("ONE_XMLRPC", "http://localhost:2633/RPC2"),
-                          description="oned's XML-RPC endpoint (http:// or https://). Default: $ONE_XMLRPC.")
+                          description="oned's XML-RPC endpoint (http:// or https://).",
+                          json_schema_extra={"doc_default": "$ONE_XMLRPC, else http://localhost:2633/RPC2"})
     auth_file: Path = Field(
         default_factory=lambda: Path(os.environ.get("ONE_AUTH", Path.home() / ".one" / "one_auth")),
-        description="File holding `user:password` (OpenNebula's ONE_AUTH convention).")
+        description="File holding `user:password` (OpenNebula's ONE_AUTH convention).",
+        json_schema_extra={"doc_default": "$ONE_AUTH, else ~/.one/one_auth"})
     session: SecretStr | None = Field(None, description=(
         "`user:password` directly; only from the environment (ONEHA_ONED__SESSION), never from a file in git."))
     https_verify: bool | str = Field(True, description="Verify oned's TLS certificate; or a CA bundle path.")
-    connect_timeout_s: float = Field(3.0, gt=0)
+    connect_timeout_s: float = Field(3.0, gt=0, description="A dead oned fails the call after this long.")
     read_timeout_s: float = Field(15.0, gt=0, description="A hung oned fails the call after this long.")
     max_concurrent_calls: int = Field(8, ge=1, description=(
         "Cap on oned calls in flight across the whole worker pool (a Redis semaphore)."))
     call_attempts: int = Field(5, ge=1, description="Attempts for a call failing transiently.")
-    backoff_base_s: float = Field(0.2, gt=0)
-    backoff_max_s: float = Field(5.0, gt=0)
+    backoff_base_s: float = Field(0.2, gt=0, description="First retry waits up to this (full jitter), doubling.")
+    backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between two attempts.")
 
     def read_session(self) -> str:
         if self.session is not None:
@@ -135,7 +137,7 @@ class SubscriberSettings(_Strict):
         "Scan of the whole VM pool (paged) for failure states and crashes on healthy hosts."))
     dispatch_interval_s: float = Field(0.5, gt=0, description="How often due incidents are handed to workers.")
     metrics_port: int | None = Field(9641, description="Prometheus metrics port; none to disable.")
-    metrics_bind: str = "127.0.0.1"
+    metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 
 
 class WorkerSettings(_Strict):
@@ -148,12 +150,12 @@ class WorkerSettings(_Strict):
     storm_max_share: float = Field(0.4, gt=0, le=1, description=(
         "Hold host incidents when more than this share of a cluster's hosts are in ERROR at once."))
     storm_max_hosts: int = Field(5, ge=1, description="...or more than this many hosts failed within storm_window_s.")
-    storm_window_s: float = Field(120.0, gt=0)
+    storm_window_s: float = Field(120.0, gt=0, description="Window of the storm_max_hosts count.")
     storm_recheck_s: float = Field(10.0, gt=0, description="How often a held incident re-checks the condition.")
     vm_failure_max_recoveries: int = Field(3, ge=1, description="Loop protection: recoveries of one VM per window.")
-    vm_failure_window_s: float = Field(3600.0, gt=0)
+    vm_failure_window_s: float = Field(3600.0, gt=0, description="Window of vm_failure_max_recoveries.")
     metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
-    metrics_bind: str = "127.0.0.1"
+    metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 
 
 class AuditSettings(_Strict):

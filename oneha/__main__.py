@@ -1,0 +1,3 @@
+from oneha.cli import main
+
+main()

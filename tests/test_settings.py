@@ -1,0 +1,78 @@
+"""Settings: TOML + environment, validation errors that say what is wrong, and docs that cannot drift."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oneha.config_cli import render_docs
+from oneha.settings import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "oneha.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cluster_overrides_apply_on_top_of_the_default(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[policy.default]
+host_action = "migrate"
+fencing = ["/usr/local/bin/fence_ipmi.sh"]
+host_grace_s = 30
+[policy.clusters.100]
+fencing = "none"
+include_suspended = true
+""")
+    settings = load_settings(path)
+    assert settings.policy.for_cluster(0).fencing == ["/usr/local/bin/fence_ipmi.sh"]
+    special = settings.policy.for_cluster(100)
+    assert special.fencing == "none" and special.include_suspended and special.host_action == "migrate"
+    assert special.host_grace_s == 30
+
+
+def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[redis]\nurl = "redis://file:6379/0"\n')
+    monkeypatch.setenv("ONEHA_REDIS__URL", "redis://env:6379/1")
+    assert load_settings(path).redis.url == "redis://env:6379/1"
+
+
+def test_credentials_come_from_the_one_auth_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = tmp_path / "one_auth"
+    auth.write_text("oneadmin:s3cret\n")
+    monkeypatch.setenv("ONE_AUTH", str(auth))
+    monkeypatch.setenv("ONE_XMLRPC", "http://front:2633/RPC2")
+    settings = load_settings()
+    assert settings.oned_session == "oneadmin:s3cret"
+    assert settings.oned.endpoint == "http://front:2633/RPC2"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[policy.default]\nhost_action = "explode"\n', "policy.default.host_action"),
+    ('[policy.default]\nfencing = []\n', "fencing"),
+    ('[worker]\nunknown_option = 1\n', "worker.unknown_option"),
+    ('[policy.default\n', "cannot read config"),
+])
+def test_bad_files_are_refused_with_the_reason(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
+
+
+def test_cli_exits_2_on_a_bad_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[policy.default]\nvm_crash_action = "reboot"\n')
+    proc = subprocess.run([sys.executable, "-m", "oneha", "config", "check", "--config", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "vm_crash_action" in proc.stderr
+
+
+def test_configuration_docs_are_current() -> None:
+    assert (ROOT / "docs" / "configuration.md").read_text() == render_docs(), \
+        "docs/configuration.md is stale: run `oneha config docs --output docs/configuration.md`"
