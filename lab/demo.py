@@ -1,0 +1,148 @@
+"""`oneha lab` with no subcommand: start the whole stack, play the scenario with a live view, print the summary."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from types import FrameType
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from lab.scenario import Scenario, Summary, describe
+from lab.stack import Stack, StackOptions, wait_ready
+from oneha.incidents import IncidentStore
+
+HOST_STYLE = {"MONITORED": "green", "ERROR": "bold red", "DISABLED": "yellow", "OFFLINE": "yellow"}
+
+
+def run_demo(options: StackOptions, keep: bool, headless: bool, console: Console) -> int:
+    """Returns the exit code: 0 when every failure was handled as expected with 0 duplicates and 0 lost."""
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    with Stack(options) as stack:
+        for notice in stack.notices:
+            console.print(f"[yellow]{notice}[/]")
+        _print_endpoints(stack, console)
+        wait_ready(stack)
+        summary = _play(stack, headless, console)
+        _print_summary(summary, console)
+        if keep:
+            console.print("[bold]--keep[/]: everything stays up; Ctrl-C stops it all.")
+            stop.wait()
+    console.print("stopped: every process the lab started has exited.")
+    return 0 if summary.ok else 1
+
+
+def _play(stack: Stack, headless: bool, console: Console) -> Summary:
+    if headless:
+        return Scenario(stack, progress=lambda line: console.print(line)).play()
+    log: deque[str] = deque(maxlen=12)
+    scenario = Scenario(stack, progress=log.append)
+    result: list[Summary] = []
+    worker = threading.Thread(target=lambda: result.append(scenario.play()), daemon=True)
+    worker.start()
+    with Live(_view(stack, scenario, log), console=console, refresh_per_second=4) as live:
+        while worker.is_alive():
+            worker.join(0.25)
+            live.update(_view(stack, scenario, log))
+    if not result:
+        raise RuntimeError("the scenario stopped without a summary")
+    return result[0]
+
+
+def _view(stack: Stack, scenario: Scenario, log: deque[str]) -> Group:
+    return Group(_hosts_table(stack), _incidents_table(scenario.store), Panel("\n".join(log) or "starting…",
+                                                                                title="scenario"))
+
+
+def _hosts_table(stack: Stack) -> Table:
+    assert stack.lab is not None
+    cloud = stack.lab.cloud
+    table = Table(title="lab cloud: hosts", expand=True)
+    for col in ("host", "cluster", "state", "power", "VMs (oned)", "VMs really running"):
+        table.add_column(col)
+    with cloud.lock:
+        really = Counter(h for hosts in cloud.running.values() for h in hosts)
+        for host in sorted(cloud.hosts.values(), key=lambda h: h.id):
+            state = host.state.name
+            table.add_row(str(host.id), str(host.cluster_id), f"[{HOST_STYLE.get(state, 'white')}]{state}[/]",
+                          host.power, str(len(host.vm_ids)), str(really.get(host.id, 0)))
+    return table
+
+
+def _incidents_table(store: IncidentStore) -> Table:
+    table = Table(title="incidents", expand=True)
+    for col in ("id", "kind", "resource", "status", "reports", "detail"):
+        table.add_column(col)
+    for inc in store.recent(8):
+        style = "green" if inc.status.value in ("recovered", "cancelled") else "yellow"
+        table.add_row(str(inc.id), inc.kind.value, str(inc.resource_id), f"[{style}]{inc.status.value}[/]",
+                      str(inc.reports), inc.detail[:60])
+    return table
+
+
+def _print_endpoints(stack: Stack, console: Console) -> None:
+    assert stack.lab is not None
+    lines = [
+        f"oned (lab):  ONE_XMLRPC={stack.lab.rpc_url}  session {stack.lab.session}",
+        f"events:      {stack.lab.events_url}",
+        f"redis:       {stack.redis_url}",
+        f"config:      {stack.workdir / 'oneha.toml'}  (logs beside it)",
+    ]
+    if stack.flower_url:
+        user, password = stack.flower_auth
+        lines.append(f"Flower:      {stack.flower_url}  (user {user}, password {password})")
+    console.print(Panel("\n".join(lines), title="oneha lab"))
+
+
+def _print_summary(summary: Summary, console: Console) -> None:
+    table = Table(title="summary", expand=True)
+    for col in ("failure", "what", "detected after", "settled after", "actions", "result"):
+        table.add_column(col)
+    for out in summary.outcomes:
+        table.add_row(out.name, out.what, _secs(out.detected_s), _secs(out.settled_s),
+                      ", ".join(f"{n} x {a}" for a, n in sorted(out.actions.items())) or "-",
+                      "[green]ok[/]" if out.ok else f"[red]{describe(out)}[/]")
+    console.print(table)
+    style = "green" if not summary.duplicates else "red"
+    console.print(f"[{style}]duplicates: {len(summary.duplicates)}[/]  "
+                  f"[{'green' if not summary.lost else 'red'}]lost: {len(summary.lost)}[/]  (from the lab oracle)")
+
+
+def _secs(value: float | None) -> str:
+    return f"{value:.1f}s" if value is not None else "-"
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            return
+        stop.set()
+        raise KeyboardInterrupt  # unwinds the `with Stack` block, which stops every child process
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def demo_options(hosts: int, vms: int, workers: int, port: int, events_port: int, flower_port: int,
+                 redis_url: str | None, dry_run: bool) -> StackOptions:
+    return StackOptions(hosts=hosts, vms=vms, workers=max(2, workers), port=port, events_port=events_port,
+                        flower_port=flower_port, redis_url=redis_url, dry_run=dry_run)
+
+
+def main(options: StackOptions, keep: bool, headless: bool) -> None:
+    console = Console(force_terminal=None if not headless else False)
+    started = time.monotonic()
+    try:
+        code = run_demo(options, keep, headless, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: every process the lab started has been stopped.")
+        code = 130
+    console.print(f"({time.monotonic() - started:.0f}s)")
+    sys.exit(code)
