@@ -23,7 +23,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     assert visibility_s > TASK_TIME_LIMIT_S, "time limits must stay below the visibility timeout"
     return {
         "broker_url": settings.broker_url,
-        "broker_transport_options": {"visibility_timeout": visibility_s},
+        "broker_transport_options": _transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_default_queue": VM_QUEUE,
         "task_serializer": "json",
@@ -43,3 +43,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {"visibility_timeout": settings.broker.visibility_timeout_s}
+    if settings.broker.sentinel_master:
+        options["master_name"] = settings.broker.sentinel_master
+    return options

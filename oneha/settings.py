@@ -124,6 +124,8 @@ class BrokerSettings(_Strict):
     visibility_timeout_s: int = Field(1800, ge=600, description=(
         "Redis broker: an unacked message is delivered again after this long (REFERENCE §6). Task time limits "
         "stay below it; a dead worker's incident is picked up sooner by the due-time watchdog."))
+    sentinel_master: str | None = Field(None, description=(
+        "Master name when `url` lists Redis Sentinels (`sentinel://host:26379;sentinel://host2:26379`)."))
 
 
 class SubscriberSettings(_Strict):
