@@ -487,8 +487,10 @@ class Cloud:
         for host in self.hosts.values():
             if host.state != HostState.MONITORED or host.id == exclude or len(host.vm_ids) >= host.capacity:
                 continue
-            if host.power != POWER_ON or (strict and host.cluster_id != cluster):
-                continue
+            if strict and host.cluster_id != cluster:
+                continue  # resched keeps the VM on its system datastore, i.e. in its cluster
+            # No look at host.power: like mm_sched, the lab may pick a host that died but is not ERROR yet;
+            # the deployment then fails there (PROLOG_FAILURE), as it would on oned.
             key = (0 if cluster is None or host.cluster_id == cluster else 1, len(host.vm_ids), host.id)
             if best_key is None or key < best_key:
                 best, best_key = host, key
@@ -531,7 +533,8 @@ class Cloud:
             vm = self.get_vm(vid)
             handler = _ACTIONS.get(action)
             if handler is None:
-                raise LabError(ErrorCode.XML_RPC_API, f"Virtual machine action \"{action}\" is not supported", vid)
+                # oned answers an unknown action name with ACTION (RequestManagerVirtualMachine.cc)
+                raise LabError(ErrorCode.ACTION, f"Virtual machine action \"{action}\" is not supported", vid)
             if not handler(self, vm):
                 raise LabError(ErrorCode.ACTION, f"Error performing action \"{action}\": This action is not "
                                                  f"available for state {vm.state_name().replace('/', ' ')}", vid)
@@ -542,7 +545,7 @@ class Cloud:
             try:
                 rop = RecoverOp(op)
             except ValueError:
-                raise LabError(ErrorCode.XML_RPC_API, f"Wrong recover operation {op}", vid) from None
+                raise LabError(ErrorCode.ACTION, "Wrong recovery operation code", vid) from None  # as oned
             if not _RECOVER[rop](self, vm):
                 raise LabError(ErrorCode.ACTION, f"Error performing action \"recover\": This action is not "
                                                  f"available for state {vm.state_name().replace('/', ' ')}", vid)

@@ -198,6 +198,9 @@ class LabRpc:
             return [True, self.handlers[method](*args), 0]
         except LabError as exc:
             return _error(method, exc.code, exc.message, exc.obj_id if exc.obj_id >= 0 else _first_int(args))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            # e.g. a lab.vm.create struct with a wrongly typed member: a bad request, not a dead server
+            return _error(method, ErrorCode.XML_RPC_API, f"Incorrect parameters: {exc}", _first_int(args))
 
     def _inject_faults(self) -> str | None:
         self.faults.released.wait()

@@ -147,8 +147,10 @@ def test_each_error_code_maps_to_its_pyone_exception(lab: LabCloud, one: Any) ->
         one.vm.action("release", 0)  # not on HOLD
     with pytest.raises(pyone.OneApiException):
         one.vm.info("zero")
-    with pytest.raises(pyone.OneApiException):
-        one.vm.recover(0, 9)
+    with pytest.raises(pyone.OneActionException):
+        one.vm.recover(0, 9)  # oned: "Wrong recovery operation code", ACTION
+    with pytest.raises(pyone.OneActionException):
+        one.vm.action("explode", 0)  # oned: action "explode" is not supported, ACTION
     call(lab.rpc_url, "lab.faults", {"error_rate": 1.0})
     try:
         with pytest.raises(pyone.OneInternalException):
@@ -168,7 +170,7 @@ def test_malformed_calls_get_oned_errors_and_the_server_survives(lab: LabCloud) 
         proxy.one.vmpool.info(s, -2, -1, -1),  # pyone has no defaults: three of four
         proxy.one.vm.recover(s, 0, 4, 5, 6),  # too many
         proxy.one.vmpool.infoset(s, "1,x", False),  # bad id set
-        proxy.one.vm.action(s, "explode", 0),  # unknown action
+        proxy.lab.vm.create(s, {"USER_TEMPLATE": "not a struct"}),
         proxy.one.vm.info(),  # no session at all
         proxy.lab.vm.create(s, {"STATE": "FLYING"}),
         proxy.lab.faults(s, {"latency_ms": "slow"}),
