@@ -212,3 +212,14 @@ def test_faults_latency_hang_and_stats(lab: LabCloud, one: Any) -> None:
     call(lab.rpc_url, "lab.faults", {"latency_ms": 0})
     stats = call(lab.rpc_url, "lab.stats")
     assert stats["max_concurrent"] == 3 and stats["calls"]["one.system.version"] == 3
+
+
+def test_text_is_escaped(one: Any, lab: LabCloud) -> None:
+    vid = call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "NAME": "a<b>&'c\"", "HA": "yes",
+                                              "USER_TEMPLATE": {"NOTE": "<x>&amp;", "bad name": "dropped"}})
+    vm = one.vm.info(vid)
+    assert vm.NAME == "a<b>&'c\""
+    assert vm.USER_TEMPLATE["NOTE"] == "<x>&amp;" and vm.USER_TEMPLATE["HA"] == "yes"
+    assert "bad name" not in vm.USER_TEMPLATE
+    assert one.vmpool.infoset(str(vid), False).VM[0].NAME == "a<b>&'c\""
+    one.vm.action("terminate-hard", vid)
