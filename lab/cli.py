@@ -45,9 +45,29 @@ class _TimeoutTransport(xmlrpc.client.Transport):
         return conn
 
 
-@click.group()
-def lab() -> None:
-    """The lab cloud: a simulated OpenNebula front-end (oned + one_hm events) with fault injection."""
+@click.group(invoke_without_command=True)
+@click.option("--keep", is_flag=True, help="Leave everything running after the scenario, until Ctrl-C.")
+@click.option("--headless", is_flag=True, help="Plain progress lines instead of the live view.")
+@click.option("--hosts", default=8, show_default=True, help="Hosts of the lab cloud (two clusters).")
+@click.option("--vms", default=40, show_default=True, help="VMs of the lab cloud.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes (at least 2).")
+@click.option("--port", default=2633, show_default=True, help="oned XML-RPC port (a free one if taken).")
+@click.option("--events-port", default=2101, show_default=True, help="ZeroMQ port (a free one if taken).")
+@click.option("--flower-port", default=5555, show_default=True, help="Flower port (a free one if taken).")
+@click.option("--redis-url", default=None, help="Use this Redis instead of starting a private one.")
+@click.option("--dry-run", is_flag=True, help="Workers decide and log, but change nothing in oned.")
+@click.pass_context
+def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, workers: int, port: int,
+        events_port: int, flower_port: int, redis_url: str | None, dry_run: bool) -> None:
+    """The lab: with no subcommand, a cloud healing itself — the lab cloud, Redis, the subscriber, workers and
+    Flower, a scripted scenario of failures, and a summary. Subcommands run or poke the lab cloud alone."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from lab.demo import main
+    from lab.stack import StackOptions
+
+    main(StackOptions(hosts=hosts, vms=vms, workers=max(2, workers), port=port, events_port=events_port,
+                      flower_port=flower_port, redis_url=redis_url, dry_run=dry_run), keep, headless)
 
 
 @lab.command()

@@ -130,12 +130,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def demo_options(hosts: int, vms: int, workers: int, port: int, events_port: int, flower_port: int,
-                 redis_url: str | None, dry_run: bool) -> StackOptions:
-    return StackOptions(hosts=hosts, vms=vms, workers=max(2, workers), port=port, events_port=events_port,
-                        flower_port=flower_port, redis_url=redis_url, dry_run=dry_run)
-
-
 def main(options: StackOptions, keep: bool, headless: bool) -> None:
     console = Console(force_terminal=None if not headless else False)
     started = time.monotonic()
