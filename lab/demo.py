@@ -28,12 +28,12 @@ def run_demo(options: StackOptions, keep: bool, headless: bool, console: Console
     with Stack(options) as stack:
         for notice in stack.notices:
             console.print(f"[yellow]{notice}[/]")
-        _print_endpoints(stack, console)
+        _print_endpoints(stack, console, headless)
         wait_ready(stack)
         summary = _play(stack, headless, console)
         _print_summary(summary, console)
         if keep:
-            console.print("[bold]--keep[/]: everything stays up; Ctrl-C stops it all.")
+            console.print("--keep: everything stays up; Ctrl-C stops it all.")
             stop.wait()
     console.print("stopped: every process the lab started has exited.")
     return 0 if summary.ok else 1
@@ -87,7 +87,7 @@ def _incidents_table(store: IncidentStore) -> Table:
     return table
 
 
-def _print_endpoints(stack: Stack, console: Console) -> None:
+def _print_endpoints(stack: Stack, console: Console, headless: bool) -> None:
     assert stack.lab is not None
     lines = [
         f"oned (lab):  ONE_XMLRPC={stack.lab.rpc_url}  session {stack.lab.session}",
@@ -98,7 +98,11 @@ def _print_endpoints(stack: Stack, console: Console) -> None:
     if stack.flower_url:
         user, password = stack.flower_auth
         lines.append(f"Flower:      {stack.flower_url}  (user {user}, password {password})")
-    console.print(Panel("\n".join(lines), title="oneha lab"))
+    if headless:  # one line each, never wrapped: scripts and tests read them
+        for line in lines:
+            console.print(line, soft_wrap=True, highlight=False)
+    else:
+        console.print(Panel("\n".join(lines), title="oneha lab"))
 
 
 def _print_summary(summary: Summary, console: Console) -> None:
@@ -131,7 +135,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def main(options: StackOptions, keep: bool, headless: bool) -> None:
-    console = Console(force_terminal=None if not headless else False)
+    console = Console(force_terminal=False, width=160) if headless else Console()
     started = time.monotonic()
     try:
         code = run_demo(options, keep, headless, console)
