@@ -1,0 +1,83 @@
+"""Keeps the ZeroMQ path alive while Redis is down: a bounded FIFO of decoded events, replayed in order.
+
+Overflow is counted and logged, never silent; whatever is lost the reconciler finds on its next pass once Redis is
+back. Only the ZeroMQ input needs this: the bridge's events wait in the Redis stream, the reconciler re-reads oned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import redis
+
+from oneha.opennebula import Event
+from subscriber import metrics
+from subscriber.intake import Intake
+from subscriber.logs import kv
+
+log = logging.getLogger("oneha.subscriber.buffer")
+
+
+class BufferedIntake:
+    def __init__(self, intake: Intake, capacity: int, backoff_base_s: float = 0.1, backoff_max_s: float = 5.0) -> None:
+        self.intake = intake
+        self.capacity = capacity
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._pending: deque[tuple[Event, str, float]] = deque()
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+        self._backoff = backoff_base_s
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, event: Event, source: str, received_at: float) -> None:
+        """Called by the receiving thread; never raises for Redis trouble."""
+        with self._lock:
+            if not self._pending:
+                try:
+                    self.intake.handle(event, source, received_at)
+                    return
+                except redis.RedisError as exc:
+                    self._fail(exc)
+            # Keep order: once something is buffered, everything queues behind it until replayed.
+            self._push(event, source, received_at)
+
+    def flush(self) -> int:
+        """Replay buffered events if the backoff allows; returns how many went through."""
+        done = 0
+        with self._lock:
+            if not self._pending or time.monotonic() < self._retry_at:
+                return 0
+            while self._pending:
+                event, source, received_at = self._pending[0]
+                try:
+                    self.intake.handle(event, source, received_at)
+                except redis.RedisError as exc:
+                    self._fail(exc)
+                    break
+                self._pending.popleft()
+                done += 1
+            if not self._pending:
+                self._backoff = self.backoff_base_s
+                log.info("buffer replayed", extra=kv(events=done))
+        return done
+
+    def _push(self, event: Event, source: str, received_at: float) -> None:
+        if len(self._pending) >= self.capacity:
+            metrics.EVENTS_DROPPED.labels("buffer_full").inc()
+            log.warning("event dropped: buffer full (the reconciler will find it)",
+                        extra=kv(capacity=self.capacity, source=source))
+            return
+        self._pending.append((event, source, received_at))
+
+    def _fail(self, exc: Exception) -> None:
+        metrics.REDIS_ERRORS.labels("intake").inc()
+        self._retry_at = time.monotonic() + self._backoff
+        log.warning("redis unavailable, buffering events", extra=kv(
+            error=type(exc).__name__, retry_in_s=round(self._backoff, 2), buffered=len(self._pending)))
+        self._backoff = min(self._backoff * 2, self.backoff_max_s)

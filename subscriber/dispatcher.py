@@ -1,0 +1,110 @@
+"""Hands due incidents to the workers: claim_due -> status QUEUED (if it was WAITING) -> send_task by name.
+
+The claim pushes the incident's due time to the end of a lease, so the dispatcher is also the watchdog of dead
+workers: a worker extends the lease while it works; an incident whose lease ran out is due again and sent again
+(the flows are idempotent). Several dispatchers (active-active subscribers) never send one incident twice within a
+lease: the claim is atomic.
+
+QUEUED is set *before* sending, with a compare-and-set from WAITING: after the send a worker may already have moved
+the incident on (RUNNING), and a host that came back may have cancelled it meanwhile; neither must be overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+from oneha.incidents import CLOSED_STATUSES, Incident, IncidentStore, Kind
+from oneha.keys import HOST_QUEUE, TASK_RECOVER_HOST, TASK_VM_INCIDENT, VM_QUEUE
+from subscriber import metrics
+from subscriber.logs import kv
+
+log = logging.getLogger("oneha.subscriber.dispatcher")
+
+# KEYS: incident hash. ARGV: now. WAITING -> QUEUED only; returns the status the incident had.
+_MARK_QUEUED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'waiting' then
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[1])
+end
+return status
+"""
+
+CLOSED = frozenset(s.value for s in CLOSED_STATUSES)
+SEND_RETRY_S = 5.0  # a failed send (broker down) is retried this soon rather than after a whole lease
+
+
+def route(kind: Kind) -> tuple[str, str]:
+    """(task name, queue) of an incident kind."""
+    if kind is Kind.HOST:
+        return TASK_RECOVER_HOST, HOST_QUEUE
+    return TASK_VM_INCIDENT, VM_QUEUE
+
+
+class Dispatcher:
+    def __init__(self, store: IncidentStore, celery: Any, lease_s: float, interval_s: float,
+                 stop: threading.Event, wake: threading.Event | None = None) -> None:
+        self.store = store
+        self.celery = celery
+        self.lease_s = lease_s
+        self.interval_s = interval_s
+        self.stop = stop
+        self.wake = wake or threading.Event()
+        self._mark = store.r.register_script(_MARK_QUEUED)
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.tick()
+            except redis.RedisError as exc:
+                metrics.REDIS_ERRORS.labels("dispatcher").inc()
+                log.warning("dispatch: redis unavailable", extra=kv(error=type(exc).__name__))
+            # Woken early when an incident with no grace period is opened.
+            self.wake.wait(self.interval_s)
+            self.wake.clear()
+
+    def tick(self) -> int:
+        sent = 0
+        for incident_id in self.store.claim_due(self.lease_s):
+            incident = self.store.get(incident_id)
+            if incident is None or not incident.status.is_open:
+                self.store.unschedule(incident_id)
+                continue
+            if self._dispatch(incident):
+                sent += 1
+        return sent
+
+    def _dispatch(self, incident: Incident) -> bool:
+        previous = self._mark(keys=[self.store.keys.incident(incident.id)], args=[time.time()])
+        previous = previous.decode() if isinstance(previous, bytes) else previous
+        if previous is None or previous in CLOSED:
+            return False  # closed between the claim and now
+        name, queue = route(incident.kind)
+        try:
+            self.celery.send_task(name, args=[incident.id], queue=queue)
+        except Exception as exc:  # broker trouble: kombu raises its own OperationalError family
+            log.warning("send_task failed", extra=kv(incident=incident.id, task=name, error=type(exc).__name__))
+            self.store.schedule(incident.id, time.time() + SEND_RETRY_S)
+            return False
+        metrics.TASKS_SENT.labels(name).inc()
+        self.sent += 1
+        what = "queued" if previous == "waiting" else f"re-dispatched (was {previous}, lease ran out)"
+        self.store.audit(incident.id, "dispatched", task=name, queue=queue, status_before=previous)
+        log.info("incident " + what, extra=kv(incident=incident.id, task=name, queue=queue))
+        return True
+
+
+def make_celery(settings: Any) -> Any:
+    """The subscriber is a Celery producer only; tasks go by name, so nothing of workers/ is imported."""
+    from celery import Celery
+
+    from oneha.celeryconf import celery_config
+
+    app = Celery("oneha-subscriber")
+    app.conf.update(celery_config(settings))
+    return app

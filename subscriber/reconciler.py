@@ -1,0 +1,231 @@
+"""The periodic scan that makes the subscriber independent of ever receiving an event.
+
+Fast pass (every reconcile_interval_s): one `one.hostpool.info`. Hosts in ERROR are reported; healthy hosts cancel
+incidents still in their grace period and lose their handled markers. The VMs of hosts in ERROR, DISABLED or
+OFFLINE (from the pool's VMS/ID lists) are read with one `one.vmpool.infoset` per chunk, and those in UNKNOWN or a
+failure state are reported: this covers a missed event and the DISABLED host whose VMs went UNKNOWN with no host
+event at all. Cost: one host pool read plus the VMs of unhealthy hosts only, never the whole VM pool.
+
+Full pass (every full_scan_interval_s): the ACTIVE VMs of the whole pool, read in ID-range pages
+(`one.vmpool.info(-2, start, end, 3)`: start/end are VM IDs, REFERENCE §4), for crashes on healthy hosts and failure
+states; VM handled markers of VMs no longer failing are cleared, so their next failure opens a new incident.
+
+Every pass also refreshes the cheap gauges (open incidents, Celery queue lengths) from Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from oneha.incidents import IncidentStore
+from oneha.keys import HOST_QUEUE, VM_QUEUE
+from oneha.opennebula import (
+    HOST_FAILED_STATES,
+    HOST_HEALTHY_STATES,
+    HOST_OPERATOR_STATES,
+    HostEvent,
+    HostView,
+    OnedClient,
+    VmEvent,
+    VmState,
+    VmView,
+)
+from subscriber import metrics
+from subscriber.intake import Intake, Outcome, failure_kind
+from subscriber.logs import kv
+
+log = logging.getLogger("oneha.subscriber.reconciler")
+
+INFOSET_CHUNK = 2000  # VM IDs per one.vmpool.infoset call
+PAGE = 2000  # VM ID range per one.vmpool.info page
+
+
+@dataclass
+class PassStats:
+    scan: str
+    hosts: int = 0
+    vms: int = 0
+    oned_calls: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scan": self.scan, "hosts": self.hosts, "vms": self.vms, "oned_calls": self.oned_calls,
+                "seconds": round(self.seconds, 4), **{f"n_{k}": v for k, v in self.outcomes.items()}}
+
+
+def chunks(ids: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
+class Reconciler:
+    def __init__(self, oned: Callable[[], OnedClient], intake: Intake, store: IncidentStore,
+                 interval_s: float, full_interval_s: float, stop: threading.Event,
+                 broker: redis.Redis | None = None) -> None:
+        self.oned = oned
+        self.intake = intake
+        self.store = store
+        self.interval_s = interval_s
+        self.full_interval_s = full_interval_s
+        self.stop = stop
+        self.broker = broker
+        self._next_full = 0.0  # the first pass is full: after a restart, everything is looked at once
+        self.passes = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.tick()
+            self.stop.wait(self.interval_s)
+
+    def tick(self) -> list[PassStats]:
+        """One pass (plus a full one when due). Never raises: errors are logged, counted, retried next tick."""
+        done: list[PassStats] = []
+        full_due = time.monotonic() >= self._next_full
+        for scan, fn in (("hosts", self.fast_pass), ("full", self.full_pass)):
+            if scan == "full" and not full_due:
+                continue
+            stats = PassStats(scan)
+            start = time.perf_counter()
+            try:
+                fn(stats)
+            except redis.RedisError as exc:
+                metrics.REDIS_ERRORS.labels("reconciler").inc()
+                log.warning("reconcile: redis unavailable", extra=kv(scan=scan, error=type(exc).__name__))
+                continue
+            except Exception as exc:  # oned down, timeouts, unparsable replies
+                metrics.ONED_ERRORS.labels("reconciler").inc()
+                log.warning("reconcile: oned call failed", extra=kv(scan=scan, error=type(exc).__name__,
+                                                                     detail=str(exc)[:200]))
+                continue
+            stats.seconds = time.perf_counter() - start
+            metrics.RECONCILE_DURATION.labels(scan).observe(stats.seconds)
+            if scan == "full":
+                self._next_full = time.monotonic() + self.full_interval_s
+            log.info("reconcile pass", extra=kv(**stats.as_dict()))
+            done.append(stats)
+        self._gauges()
+        self.passes += 1
+        return done
+
+    # -- fast pass ----------------------------------------------------------------------------------------------
+
+    def fast_pass(self, stats: PassStats) -> None:
+        started = time.time()
+        hosts = self.oned().host_pool()
+        stats.oned_calls += 1
+        stats.hosts = len(hosts)
+        for host in hosts:
+            if host.state in HOST_FAILED_STATES:
+                self._feed(HostEvent(host.id, host.state, host), stats)
+        self._healthy_hosts([h for h in hosts if h.state in HOST_HEALTHY_STATES], started, stats)
+        suspect = [vid for h in hosts if h.state in HOST_FAILED_STATES | HOST_OPERATOR_STATES for vid in h.vm_ids]
+        for chunk in chunks(sorted(set(suspect)), INFOSET_CHUNK):
+            vms = self.oned().vm_pool_set(chunk)
+            stats.oned_calls += 1
+            self._vms(vms, stats)
+
+    def _healthy_hosts(self, healthy: list[HostView], scan_started: float, stats: PassStats) -> None:
+        if not healthy:
+            return
+        keys = [self.store.keys.open_incident("host", h.id) for h in healthy]
+        opened = [(h, raw) for h, raw in zip(healthy, self.store.r.mget(keys), strict=True) if raw is not None]
+        for host, raw in opened:
+            incident = self.store.get(int(raw))
+            # Only what was opened before this pass read the pool: a failure reported since is newer than our view.
+            if incident is not None and incident.opened_at < scan_started:
+                self._feed(HostEvent(host.id, host.state, host), stats)
+        handled = self.store.handled_ids("host")
+        back = [h.id for h in healthy if h.id in handled]
+        if back:
+            self.store.clear_handled("host", back)
+            stats.outcomes["host_handled_cleared"] += len(back)
+
+    # -- full pass ----------------------------------------------------------------------------------------------
+
+    def full_pass(self, stats: PassStats) -> None:
+        hosts = {h.id: h for h in self.oned().host_pool()}
+        stats.oned_calls += 1
+        max_id = max((vid for h in hosts.values() for vid in h.vm_ids), default=-1)
+        failing: set[int] = set()
+        for vms in self._active_pages(max_id, stats):
+            failing |= {vm.id for vm in vms if _failing(vm)}
+            self._vms(vms, stats)
+        handled = self.store.handled_ids("vm")
+        healed = [vid for vid in handled if vid not in failing]
+        if healed:
+            self.store.clear_handled("vm", healed)
+            stats.outcomes["vm_handled_cleared"] += len(healed)
+
+    def _active_pages(self, max_known_id: int, stats: PassStats) -> Iterable[list[VmView]]:
+        """ACTIVE VMs in ID-range pages, up to the highest ID any host lists (and on while pages are not empty)."""
+        server = self.oned().server
+        start = 0
+        while True:
+            pool = server.vmpool.info(-2, start, start + PAGE - 1, int(VmState.ACTIVE))
+            stats.oned_calls += 1
+            vms = [VmView.from_pyone(v) for v in (pool.VM or [])]
+            yield vms
+            start += PAGE
+            if not vms and start > max_known_id:
+                return
+
+    # -- shared -------------------------------------------------------------------------------------------------
+
+    def _vms(self, vms: list[VmView], stats: PassStats) -> None:
+        stats.vms += len(vms)
+        for vm in vms:
+            if _failing(vm):
+                self._feed(VmEvent(vm.id, vm.state, vm.lcm_state, vm), stats)
+
+    def _feed(self, event: HostEvent | VmEvent, stats: PassStats) -> None:
+        result = self.intake.handle(event, "reconciler")
+        stats.outcomes[result.outcome.value] += 1
+        if result.outcome is Outcome.OPENED:
+            log.info("reconciler found an unreported failure", extra=kv(incident=result.incident_id))
+
+    def _gauges(self) -> None:
+        try:
+            counts = self.open_counts()
+            metrics.INCIDENTS_OPEN.clear()
+            for (kind, status), n in counts.items():
+                metrics.INCIDENTS_OPEN.labels(kind, status).set(n)
+            if self.broker is not None:
+                pipe = self.broker.pipeline(transaction=False)
+                for queue in (HOST_QUEUE, VM_QUEUE):
+                    pipe.llen(queue)
+                for queue, n in zip((HOST_QUEUE, VM_QUEUE), pipe.execute(), strict=True):
+                    metrics.QUEUE_LENGTH.labels(queue).set(n)
+        except redis.RedisError as exc:
+            log.warning("gauges: redis unavailable", extra=kv(error=type(exc).__name__))
+
+    def open_counts(self) -> Counter[tuple[str, str]]:
+        """Open incidents by (kind, status): the index, then one pipelined HMGET per incident."""
+        ids = self.store.r.zrevrange(self.store.keys.incident_index, 0, self.store.max_incidents - 1)
+        pipe = self.store.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(self.store.keys.incident(_text(i)), "kind", "status")
+        counts: Counter[tuple[str, str]] = Counter()
+        for kind, status in pipe.execute() if ids else []:
+            if kind is None or status is None:
+                continue
+            kind, status = _text(kind), _text(status)
+            if status not in ("recovered", "partial", "failed", "cancelled", "no_action"):
+                counts[(kind, status)] += 1
+        return counts
+
+
+def _failing(vm: VmView) -> bool:
+    return failure_kind(VmEvent(vm.id, vm.state, vm.lcm_state, vm)) is not None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

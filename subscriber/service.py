@@ -1,0 +1,129 @@
+"""Wires the subscriber: ZeroMQ listener, bridge-stream consumer, dispatcher and reconciler, one thread each.
+
+SIGTERM/SIGINT set one stop event; every loop waits on it (or polls with a short timeout), so all threads end
+within about a second, sockets are closed, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from types import FrameType
+from typing import Any
+
+import redis
+
+from oneha.incidents import IncidentStore
+from oneha.keys import Keys
+from oneha.opennebula import OnedClient, make_server
+from oneha.settings import Settings
+from subscriber import metrics
+from subscriber.buffer import BufferedIntake
+from subscriber.dispatcher import Dispatcher, make_celery
+from subscriber.intake import Intake
+from subscriber.logs import kv
+from subscriber.reconciler import Reconciler
+from subscriber.stream import StreamConsumer
+from subscriber.zmq_listener import ZmqListener
+
+log = logging.getLogger("oneha.subscriber")
+
+ALL = ("zmq", "stream", "dispatcher", "reconciler")
+
+
+def redis_client(url: str) -> redis.Redis:
+    # Short timeouts: a dead Redis must turn into an error the loops handle, not a hang.
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+
+
+class Service:
+    def __init__(self, settings: Settings, components: Iterable[str] = ALL, celery: Any | None = None,
+                 oned: Callable[[], OnedClient] | None = None) -> None:
+        self.settings = settings
+        self.components = tuple(components)
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.r = redis_client(settings.redis.url)
+        self.store = IncidentStore(self.r, Keys(settings.redis.key_prefix), settings.audit.retention_s,
+                                   settings.audit.max_incidents)
+        self.intake = Intake(self.store, settings.policy, on_opened=self.wake)
+        sub = settings.subscriber
+        self.buffer = BufferedIntake(self.intake, sub.buffer_events)
+        self._celery = celery
+        self._oned_factory = oned
+        self.threads: list[threading.Thread] = []
+        self.metrics_port: int | None = None
+        self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit, self.stop_event, sub.zmq_rcvhwm,
+                                    sub.max_event_bytes, idle=self.buffer.flush)
+        self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
+                                     max_event_bytes=sub.max_event_bytes)
+        broker = redis_client(settings.broker_url) if settings.broker_url.startswith("redis") else None
+        self.reconciler = Reconciler(self.oned, self.intake, self.store, sub.reconcile_interval_s,
+                                     sub.full_scan_interval_s, self.stop_event, broker)
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        celery = self._celery if self._celery is not None else make_celery(self.settings)
+        return Dispatcher(self.store, celery, self.settings.worker.task_lease_s,
+                          self.settings.subscriber.dispatch_interval_s, self.stop_event, self.wake)
+
+    @cached_property
+    def _client(self) -> OnedClient:
+        o = self.settings.oned
+        # The session is read here and handed to pyone only; it is never logged (ConfigError names the file).
+        server = make_server(o.endpoint, self.settings.oned_session, o.connect_timeout_s, o.read_timeout_s,
+                             o.https_verify)
+        return OnedClient(server)
+
+    def oned(self) -> OnedClient:
+        return self._oned_factory() if self._oned_factory is not None else self._client
+
+    def start(self, serve_metrics: bool = False) -> Service:
+        if serve_metrics:
+            self.metrics_port = metrics.serve(self.settings.subscriber.metrics_port,
+                                              self.settings.subscriber.metrics_bind)
+        loops: dict[str, Callable[[], None]] = {
+            "zmq": self.listener.run, "stream": self.stream.run,
+            "dispatcher": lambda: self.dispatcher.run(), "reconciler": self.reconciler.run,
+        }
+        for name in self.components:
+            thread = threading.Thread(target=self._guard(name, loops[name]), name=f"oneha-{name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        log.info("subscriber started", extra=kv(components=list(self.components),
+                                                metrics_port=self.metrics_port))
+        return self
+
+    def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
+        """A loop that dies of a bug is restarted, not left dead while the process looks alive."""
+        def run() -> None:
+            while not self.stop_event.is_set():
+                try:
+                    loop()
+                except Exception:
+                    log.exception("loop crashed; restarting", extra=kv(component=name))
+                    self.stop_event.wait(1.0)
+        return run
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        for thread in self.threads:
+            thread.join(timeout_s)
+        self.r.close()
+        log.info("subscriber stopped")
+
+    def run_until_signalled(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal received, stopping", extra=kv(signal=signal.Signals(signum).name))
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        self.start(serve_metrics=True)
+        while not self.stop_event.wait(0.5):
+            pass
+        self.stop()

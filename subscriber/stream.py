@@ -1,0 +1,169 @@
+"""Reads the bridge's Redis stream through a consumer group: every subscriber reads, each entry goes to one.
+
+An entry is acknowledged only once its report() returned, i.e. once the incident exists in Redis: that is the
+durable handover from the hook. A subscriber that dies holding entries leaves them pending; the others take them
+over with XAUTOCLAIM when they have been idle for `claim_idle_s`. Malformed entries are acknowledged and counted,
+or they would come back forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from oneha.keys import BRIDGE_GROUP, Keys
+from oneha.opennebula import (
+    DEFAULT_MAX_EVENT_BYTES,
+    ErrorKind,
+    Event,
+    EventError,
+    HostEvent,
+    OnedClient,
+    VmEvent,
+    classify_error,
+    decode_template,
+)
+from subscriber import metrics
+from subscriber.intake import Intake
+from subscriber.logs import kv
+
+log = logging.getLogger("oneha.subscriber.stream")
+
+
+class Retry(Exception):
+    """The entry could not be handled now (oned unreachable): leave it pending, try again later."""
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class StreamConsumer:
+    def __init__(self, r: redis.Redis, keys: Keys, intake: Intake, oned: Callable[[], OnedClient],
+                 stop: threading.Event, name: str | None = None, claim_idle_s: float = 30.0,
+                 block_ms: int = 500, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self.r = r
+        self.stream = keys.bridge_stream
+        self.intake = intake
+        self.oned = oned
+        self.stop = stop
+        self.name = name or consumer_name()
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.block_ms = block_ms
+        self.max_event_bytes = max_event_bytes
+        self._group_ready = False
+        self._retry_pending_at = 0.0
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self.stop.is_set():
+            try:
+                self.poll_once()
+                backoff = 0.1
+            except redis.RedisError as exc:
+                metrics.REDIS_ERRORS.labels("stream").inc()
+                self._group_ready = False
+                log.warning("stream: redis unavailable", extra=kv(error=type(exc).__name__,
+                                                                   retry_in_s=backoff))
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def poll_once(self) -> int:
+        """Claim abandoned entries, retry our own pending ones, read new ones. Returns entries handled."""
+        self._ensure_group()
+        done = 0
+        now = time.monotonic()
+        if now >= self._retry_pending_at:
+            self._retry_pending_at = now + self.claim_idle_ms / 1000
+            # Our own pending entries (a previous Retry) and other consumers' abandoned ones.
+            done += self._handle(self.r.xreadgroup(BRIDGE_GROUP, self.name, {self.stream: "0"}, count=100))
+            claimed = self.r.xautoclaim(self.stream, BRIDGE_GROUP, self.name, self.claim_idle_ms, "0-0",
+                                        count=100)
+            done += self._handle([(self.stream, claimed[1])])
+        done += self._handle(self.r.xreadgroup(BRIDGE_GROUP, self.name, {self.stream: ">"}, count=100,
+                                               block=self.block_ms))
+        return done
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.r.xgroup_create(self.stream, BRIDGE_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def _handle(self, response: Any) -> int:
+        done = 0
+        for _stream, entries in response or []:
+            for entry_id, fields in entries:
+                if fields is None:  # deleted (trimmed) while pending
+                    self.r.xack(self.stream, BRIDGE_GROUP, entry_id)
+                    continue
+                if self._entry(entry_id, {_text(k): v for k, v in fields.items()}):
+                    done += 1
+        return done
+
+    def _entry(self, entry_id: Any, fields: dict[str, Any]) -> bool:
+        received_at = _float(fields.get("t"), time.time())
+        try:
+            event = self.decode(fields)
+        except EventError as exc:
+            metrics.EVENTS_REJECTED.labels(exc.reason).inc()
+            log.warning("bridge entry rejected", extra=kv(entry=_text(entry_id), reason=exc.reason,
+                                                          detail=str(exc)[:200]))
+            self.r.xack(self.stream, BRIDGE_GROUP, entry_id)
+            return False
+        except Retry as exc:
+            log.warning("bridge entry postponed", extra=kv(entry=_text(entry_id), reason=str(exc)))
+            return False
+        self.intake.handle(event, "bridge", received_at)  # RedisError propagates: not acked, read again
+        self.r.xack(self.stream, BRIDGE_GROUP, entry_id)
+        return True
+
+    def decode(self, fields: dict[str, Any]) -> Event:
+        kind = _text(fields.get("kind", ""))
+        data = fields.get("data", b"")
+        if kind == "template":
+            return decode_template(data if isinstance(data, bytes) else str(data).encode(), self.max_event_bytes)
+        if kind in ("hid", "vm_id"):
+            try:
+                rid = int(_text(data))
+            except ValueError:
+                raise EventError("bad_id", _text(data)[:40]) from None
+            return self._fetch(kind, rid)
+        raise EventError("bad_entry", kind[:40])
+
+    def _fetch(self, kind: str, rid: int) -> Event:
+        """A bare id (oned.conf hooks): ask oned what the object is now."""
+        try:
+            if kind == "hid":
+                host = self.oned().host_info(rid)
+                return HostEvent(host.id, host.state, host)
+            vm = self.oned().vm_info(rid)
+            return VmEvent(vm.id, vm.state, vm.lcm_state, vm)
+        except Exception as exc:
+            metrics.ONED_ERRORS.labels("stream").inc()
+            if classify_error(exc) is ErrorKind.TRANSIENT:
+                raise Retry(f"oned: {type(exc).__name__}") from exc
+            raise EventError("oned_" + classify_error(exc).value, type(exc).__name__) from exc
+
+
+def _float(value: Any, default: float) -> float:
+    try:
+        return float(_text(value))
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,128 @@
+"""The ZeroMQ input: a SUB socket on every one_hm publisher (REFERENCE §2).
+
+Subscriptions: only the `EVENT STATE ...` key form (HOST_PREFIXES + VM_PREFIXES). oned publishes every change under
+both forms from the same send; subscribing to both would double the traffic and the parsing for no new information
+(both copies are lost together when a publisher or this subscriber is down), and the dedup in Redis would only
+throw the second copy away. The decoder still accepts both forms (tests, other tools).
+
+Reconnects are zmq's job (ZMQ_RECONNECT_IVL/_MAX); a socket monitor counts them. What the publisher drops past its
+high-water mark is invisible to a subscriber; the reconciler is the answer to every kind of loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from oneha.opennebula import HOST_PREFIXES, VM_PREFIXES, Event, EventError, decode_event
+from subscriber import metrics
+from subscriber.logs import kv
+
+log = logging.getLogger("oneha.subscriber.zmq")
+
+Sink = Callable[[Event, str, float], None]
+POLL_MS = 200  # SIGTERM is noticed within this long
+BATCH = 1000  # messages taken per wake-up before looking at the stop flag and the monitor again
+
+
+def reject(reason: str, detail: str = "") -> None:
+    metrics.EVENTS_REJECTED.labels(reason).inc()
+    log.warning("event rejected", extra=kv(reason=reason, detail=detail[:200]))
+
+
+def decode_frames(frames: Sequence[bytes], max_bytes: int) -> Event | None:
+    """Frames -> event, or None after counting why not. Never raises on bad input."""
+    if len(frames) != 2:
+        reject("frame_count", str(len(frames)))
+        return None
+    try:
+        return decode_event(frames[0], frames[1], max_bytes)
+    except EventError as exc:
+        reject(exc.reason, str(exc))
+    except Exception as exc:  # a decoder bug must not take the subscriber down
+        reject("decode_error", type(exc).__name__)
+    return None
+
+
+class ZmqListener:
+    def __init__(self, endpoints: Sequence[str], sink: Sink, stop: threading.Event, rcvhwm: int = 100_000,
+                 max_event_bytes: int = 1 << 20, idle: Callable[[], object] | None = None,
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.endpoints = list(endpoints)
+        self.sink = sink
+        self.stop = stop
+        self.rcvhwm = rcvhwm
+        self.max_event_bytes = max_event_bytes
+        self.idle = idle  # called between batches (buffer replay), in this thread
+        self.context = context or zmq.Context.instance()
+        self.connected = threading.Event()  # set after the first successful connection (tests, readiness)
+        self.received = 0
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock = self.context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        # No ZMQ_MAXMSGSIZE: zmq would drop the whole connection on one oversized frame (losing what follows,
+        # uncounted); the decoder rejects it by length before decoding instead, and counts it.
+        for prefix in (*HOST_PREFIXES, *VM_PREFIXES):
+            sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        return sock
+
+    def run(self) -> None:
+        sock = self._socket()
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        for endpoint in self.endpoints:
+            sock.connect(endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        seen: set[str] = set()
+        log.info("zmq listening", extra=kv(endpoints=self.endpoints))
+        try:
+            while not self.stop.is_set():
+                ready = dict(poller.poll(POLL_MS))
+                if monitor in ready:
+                    self._monitor(monitor, seen)
+                if sock in ready:
+                    self._drain(sock)
+                if self.idle is not None:
+                    self.idle()
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            log.info("zmq stopped", extra=kv(received=self.received))
+
+    def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            received_at = time.time()
+            self.received += 1
+            metrics.LAST_EVENT.set(received_at)
+            event = decode_frames(frames, self.max_event_bytes)
+            if event is not None:
+                self.sink(event, "zmq", received_at)
+
+    def _monitor(self, monitor: zmq.Socket[bytes], seen: set[str]) -> None:
+        while monitor.poll(0):
+            msg = recv_monitor_message(monitor)
+            endpoint = msg.get("endpoint", b"")
+            name = endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
+            if msg["event"] == zmq.EVENT_CONNECTED:
+                if name in seen:
+                    metrics.ZMQ_RECONNECTS.inc()
+                    log.info("zmq reconnected", extra=kv(endpoint=name))
+                seen.add(name)
+                self.connected.set()
+            elif msg["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("zmq disconnected", extra=kv(endpoint=name))
