@@ -1,0 +1,174 @@
+"""docker-compose.yml, Dockerfile, .dockerignore and .env.example, parsed (no Docker engine here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oneha.cli import SUBCOMMANDS
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+ONEHA_SERVICES = ["subscriber", "reconciler", "worker", "flower"]
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
+
+
+def documented_env() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+def test_services():
+    assert set(SERVICES) == {"redis", "subscriber", "reconciler", "worker", "flower", "lab"}
+
+
+@pytest.mark.parametrize("name", ["subscriber", "reconciler", "worker", "lab"])
+def test_oneha_commands_exist_in_the_cli(name):
+    command = SERVICES[name]["command"]
+    assert isinstance(command, list)
+    assert command[0] == "oneha" and command[1] in SUBCOMMANDS
+
+
+def test_expected_subcommands():
+    assert SERVICES["subscriber"]["command"][:2] == ["oneha", "subscribe"]
+    assert SERVICES["reconciler"]["command"][:2] == ["oneha", "reconcile"]
+    worker = SERVICES["worker"]["command"]
+    assert worker[:2] == ["oneha", "worker"] and "--concurrency" in worker
+    assert set(worker[worker.index("--queues") + 1].split(",")) == {"oneha.hosts", "oneha.vms"}
+    lab = SERVICES["lab"]["command"]
+    assert lab[:3] == ["oneha", "lab", "sim"] and lab[lab.index("--bind") + 1] == "0.0.0.0"
+
+
+def test_flower_shares_the_app_and_requires_auth():
+    flower = SERVICES["flower"]
+    assert flower["command"][:4] == ["celery", "-A", "workers.app:app", "flower"]
+    assert "--port=5555" in flower["command"]
+    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
+    m = VAR.fullmatch(auth)
+    assert m and m.group(1) == "FLOWER_BASIC_AUTH" and m.group(2) == ":?", "Flower auth must be required"
+    assert not any("FLOWER_UNAUTHENTICATED_API" in str(v) for v in flower["environment"])
+    assert any(p.endswith(":5555") for p in flower["ports"])
+    # the same broker settings as the workers
+    assert flower["environment"]["ONEHA_REDIS__URL"] == SERVICES["worker"]["environment"]["ONEHA_REDIS__URL"]
+
+
+def test_worker_is_scalable():
+    worker = SERVICES["worker"]
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    for svc in SERVICES.values():
+        assert "container_name" not in svc
+
+
+def test_lab_is_a_profile_and_nothing_hard_depends_on_it():
+    assert SERVICES["lab"]["profiles"] == ["lab"]
+    for name, svc in SERVICES.items():
+        assert "profiles" not in svc or name == "lab"
+        assert "lab" not in (svc.get("depends_on") or {})
+
+
+def test_redis_persists():
+    redis = SERVICES["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    assert redis["volumes"][0].split(":")[0] in COMPOSE["volumes"]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_healthcheck_and_restart(name):
+    svc = SERVICES[name]
+    assert svc["restart"] in ("unless-stopped", "always", "on-failure")
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    if name in ("subscriber", "reconciler", "worker", "flower"):
+        assert test[1] == "python"
+        port = re.search(r"127\.0\.0\.1:(\d+)/", test[-1]).group(1)
+        expected = {"subscriber": "9641", "reconciler": "9641", "worker": "9642", "flower": "5555"}[name]
+        assert port == expected
+    if name in ONEHA_SERVICES:
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc["build"] == "." and svc["image"] == "oneha:latest"
+
+
+def test_published_ports_match_what_the_services_listen_on():
+    assert "127.0.0.1:9641:9641" in SERVICES["subscriber"]["ports"]
+    env = SERVICES["subscriber"]["environment"]
+    assert env["ONEHA_SUBSCRIBER__METRICS_BIND"] == "0.0.0.0"
+    lab = SERVICES["lab"]["command"]
+    assert any(p.endswith(":" + lab[lab.index("--port") + 1]) for p in SERVICES["lab"]["ports"])
+    # the default endpoints point at the lab's ports
+    documented = documented_env()
+    assert documented["ONE_XMLRPC"] == f"http://lab:{lab[lab.index('--port') + 1]}/RPC2"
+    assert documented["ONEHA_SUBSCRIBER__ZMQ_ENDPOINTS"] == f'["tcp://lab:{lab[lab.index("--events-port") + 1]}"]'
+
+
+def test_credentials_come_from_a_mounted_file():
+    for name in ONEHA_SERVICES:
+        svc = SERVICES[name]
+        assert svc["environment"]["ONE_AUTH"] == "/run/secrets/one_auth"
+        assert "one_auth" in svc["secrets"]
+        assert not any("PASSWORD" in k or "SESSION" in k for k in svc["environment"])
+    secret = COMPOSE["secrets"]["one_auth"]["file"]
+    assert VAR.fullmatch(secret).group(1) == "ONE_AUTH_FILE"
+    lab_auth = ROOT / documented_env()["ONE_AUTH_FILE"]
+    assert lab_auth.is_file() and ":" in lab_auth.read_text()
+
+
+def test_every_variable_is_documented_in_env_example():
+    text = (ROOT / "docker-compose.yml").read_text()
+    used = {m.group(1) for m in VAR.finditer(text)}
+    documented = documented_env()
+    assert used <= set(documented), f"undocumented: {sorted(used - set(documented))}"
+    assert {"ONE_XMLRPC", "ONE_AUTH_FILE", "FLOWER_BASIC_AUTH", "ONEHA_REDIS__URL"} <= set(documented)
+    assert "ONEHA_ONED__SESSION" in (ROOT / ".env.example").read_text()
+    # no bare $VAR (compose would interpolate it too, easy to miss)
+    assert not re.search(r"\$(?!\{|\$)[A-Za-z_]", text)
+
+
+def test_env_example_values_are_valid_settings(monkeypatch):
+    """The documented values load into oneha's settings model (JSON lists and all)."""
+    from oneha.settings import Settings
+
+    for key, value in documented_env().items():
+        if key.startswith("ONEHA_") and "__" in key:
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.policy.default.fencing == ["oneha", "lab", "fence-command"]
+    assert settings.subscriber.zmq_endpoints == ["tcp://lab:2101"]
+    assert settings.redis.url == "redis://redis:6379/0"
+
+
+def test_dockerfile_installs_the_package_like_the_readme():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines()]
+    assert lines[0].startswith("#") or lines[0].startswith("FROM")
+    assert "FROM python:3.11-slim" in lines
+    assert re.search(r"pip install --no-cache-dir \.(\s|$)", dockerfile)
+    assert "COPY . /src" in dockerfile
+    # the README's way: ./run installs the source tree with pip (editable + extras for development)
+    run = (ROOT / "run").read_text()
+    assert re.search(r"pip install .*\"\.\[", run)
+    assert "./run lab" in (ROOT / "README.md").read_text()
+    # non-root
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    # the bridge wrapper finds oneha in the image
+    assert "ENV ONEHA_BIN=/usr/local/bin/oneha" in dockerfile
+
+
+def test_dockerignore_keeps_secrets_and_junk_out_but_not_the_package():
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for entry in (".git", ".venv", ".env"):
+        assert entry in ignored
+    for needed in ("oneha", "subscriber", "workers", "lab", "pyproject.toml", "README.md", "deploy"):
+        assert needed not in ignored
