@@ -30,9 +30,34 @@ POLL_MS = 200  # SIGTERM is noticed within this long
 BATCH = 1000  # messages taken per wake-up before looking at the stop flag and the monitor again
 
 
-def reject(reason: str, detail: str = "") -> None:
+class _RateLimit:
+    """At most one log line per reason per second: hostile traffic must not become a log flood."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, reason: str) -> int | None:
+        """None: stay quiet; else log now, with how many were suppressed since the last line."""
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last.get(reason, -1e9) < 1.0:
+                self.suppressed[reason] = self.suppressed.get(reason, 0) + 1
+                return None
+            self.last[reason] = now
+            return self.suppressed.pop(reason, 0)
+
+
+_limit = _RateLimit()
+
+
+def reject(reason: str, detail: str = "", source: str = "zmq") -> None:
     metrics.EVENTS_REJECTED.labels(reason).inc()
-    log.warning("event rejected", extra=kv(reason=reason, detail=detail[:200]))
+    suppressed = _limit.allow(reason)
+    if suppressed is not None:
+        log.warning("event rejected", extra=kv(reason=reason, source=source, detail=detail[:200],
+                                               similar_suppressed=suppressed))
 
 
 def decode_frames(frames: Sequence[bytes], max_bytes: int) -> Event | None:
