@@ -93,7 +93,8 @@ def test_exit_codes_and_messages(redis_url: str) -> None:
     res = bridge("--hid", "3", url=down)
     assert res.returncode == 1
     message = res.stderr.decode().strip()
-    assert message.startswith("oneha bridge: cannot hand the event to Redis at redis://127.0.0.1:") and "\n" not in message
+    assert message.startswith("oneha bridge: cannot hand the event to Redis at redis://127.0.0.1:")
+    assert "\n" not in message
     secret = bridge("--hid", "3", url=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
     assert secret.returncode == 1 and b"hunter2" not in secret.stderr
     bad = bridge("not-base64!", url=redis_url)
