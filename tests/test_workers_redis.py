@@ -1,0 +1,120 @@
+"""Workers' coordination primitives against a real Redis (and the oned gateway against the lab)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from oneha.keys import Keys
+from oneha.opennebula import ErrorKind, OnedClient, make_server
+from oneha.settings import OnedSettings
+from oneha.waiting import wait_until
+from tests.labkit import call, running_lab
+from workers.lock import Lease, LeaseLost
+from workers.oned import OnedError, OnedGateway, OnedSemaphore
+
+
+def test_lease_token_check_and_takeover(redis_client: redis.Redis) -> None:
+    keys = Keys()
+    a = Lease(redis_client, keys, "host", 1, ttl_s=0.3)
+    b = Lease(redis_client, keys, "host", 1, ttl_s=5)
+    assert a.acquire()
+    assert not b.acquire()  # held
+    a.check()
+    wait_until(lambda: redis_client.get(keys.lock("host", 1)) is None, 3, what="lease expiry")  # a paused
+    assert b.acquire()
+    assert int(b.token or 0) > int(a.token or 0)  # fencing tokens grow
+    with pytest.raises(LeaseLost):
+        a.check()  # the paused holder stops instead of acting
+    b.check()
+    a.release()  # must not release b's lock
+    b.check()
+    b.release()
+    assert redis_client.get(keys.lock("host", 1)) is None
+
+
+def test_lease_renewal_keeps_it_alive(redis_client: redis.Redis) -> None:
+    lease = Lease(redis_client, Keys(), "vm", 9, ttl_s=0.3)
+    assert lease.acquire()
+    with lease:
+        deadline = time.monotonic() + 1.0
+        wait_until(lambda: time.monotonic() > deadline, 2, what="three lease periods")
+        lease.check()
+    assert redis_client.get(Keys().lock("vm", 9)) is None
+
+
+def test_semaphore_caps_and_reaps_dead_holders(redis_client: redis.Redis) -> None:
+    sem = OnedSemaphore(redis_client, Keys().oned_semaphore, cap=2, ttl_s=0.3)
+    assert sem.try_acquire("a") and sem.try_acquire("b")
+    assert not sem.try_acquire("c")
+    # "a" and "b" die without releasing: their slots expire
+    holder = sem.acquire(timeout_s=3)
+    assert sem.holders() == 1
+    sem.release(holder)
+    assert sem.holders() == 0
+
+
+def test_semaphore_bounds_concurrency_across_threads(redis_client: redis.Redis) -> None:
+    sem = OnedSemaphore(redis_client, Keys().oned_semaphore, cap=3, ttl_s=10)
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> None:
+        for _ in range(5):
+            holder = sem.acquire(10)
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.01)  # the work done while holding the slot
+            with lock:
+                inside[0] -= 1
+            sem.release(holder)
+
+    threads = [threading.Thread(target=work) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 3
+
+
+def gateway(url: str, redis_client: redis.Redis, **oned: object) -> OnedGateway:
+    settings = OnedSettings(endpoint=url, **oned)  # type: ignore[arg-type]
+    server = make_server(url, "oneadmin:opennebula", settings.connect_timeout_s, settings.read_timeout_s)
+    sem = OnedSemaphore(redis_client, Keys().oned_semaphore, settings.max_concurrent_calls, 20)
+    return OnedGateway(OnedClient(server), sem, settings, "oneadmin:opennebula")
+
+
+def test_gateway_retries_transient_errors_and_batches_reads(redis_client: redis.Redis) -> None:
+    with running_lab(hosts=2, vms=40) as lab:
+        gw = gateway(lab.rpc_url, redis_client, call_attempts=8, backoff_base_s=0.01, backoff_max_s=0.05)
+        call(lab.rpc_url, "lab.faults", {"error_rate": 0.3, "latency_ms": 10})
+        results: dict[int, object] = {}
+
+        def read(i: int) -> None:
+            results[i] = gw.reader.get(i)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(results[i] is not None for i in range(40))
+        assert gw.calls["one.vmpool.infoset"] < 40  # coalesced
+        with pytest.raises(OnedError) as err:
+            gw.vm_info(999)
+        assert err.value.kind is ErrorKind.PERMANENT and "opennebula" not in str(err.value)
+
+
+def test_gateway_times_out_when_oned_hangs(redis_client: redis.Redis) -> None:
+    with running_lab(hosts=1, vms=1) as lab:
+        gw = gateway(lab.rpc_url, redis_client, read_timeout_s=0.3, call_attempts=2, backoff_base_s=0.01)
+        call(lab.rpc_url, "lab.faults", {"hang": True})
+        started = time.monotonic()
+        with pytest.raises(OnedError) as err:
+            gw.host_info(0)
+        assert err.value.kind is ErrorKind.TRANSIENT and err.value.attempts == 2
+        assert time.monotonic() - started < 3
+        call(lab.rpc_url, "lab.faults", {"hang": False})

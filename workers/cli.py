@@ -1,0 +1,52 @@
+"""`oneha worker`: one node of the recovery worker pool (a Celery worker on the configured broker).
+
+Pool: threads by default. The flows are I/O-bound (oned calls, Redis, waiting for VMs to move), so threads give
+concurrency cheaply on a small machine; one process keeps the Prometheus metrics in one registry (prefork would need
+PROMETHEUS_MULTIPROC_DIR) and lets the batched VM reader merge the reads of all concurrent tasks into one
+`one.vmpool.infoset` call. Celery does not enforce time limits in the threads pool, so every wait in the flows has
+its own deadline and every oned call its own timeout. `--pool prefork` works too, with per-child metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from oneha.keys import HOST_QUEUE, VM_QUEUE
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML configuration file [env ONEHA_CONFIG].")
+@click.option("--concurrency", type=int, default=None, help="Tasks at once (default: 16 threads, or CPUs).")
+@click.option("--queues", default=f"{HOST_QUEUE},{VM_QUEUE}", show_default=True, help="Queues to consume.")
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--hostname", default=None, help="Celery node name (default oneha@<host>-<pid>).")
+def worker(config_file: Path | None, concurrency: int | None, queues: str, pool: str, loglevel: str,
+           hostname: str | None) -> None:
+    """Start a recovery worker (Celery) on the configured broker."""
+    from oneha.settings import ConfigError, load_settings
+
+    if config_file is not None:
+        os.environ["ONEHA_CONFIG"] = str(config_file.resolve())
+    try:
+        settings = load_settings()
+        settings.oned_session  # noqa: B018 - fail now, not on the first incident
+    except ConfigError as exc:
+        click.echo(f"oneha worker: {exc}", err=True)
+        sys.exit(2)
+    if concurrency is None:
+        concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
+    from workers.app import app
+
+    name = hostname or f"oneha@{socket.gethostname()}-{os.getpid()}"
+    argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
+            f"--loglevel={loglevel}", f"--hostname={name}", "--without-mingle", "--without-gossip"]
+    if settings.worker.dry_run:
+        click.echo("oneha worker: DRY RUN: nothing will be changed in oned", err=True)
+    app.worker_main(argv)

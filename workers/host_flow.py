@@ -1,0 +1,251 @@
+"""The host-failure flow: one incident, small named steps, each re-reading state and safe to repeat.
+
+    recover_host(incident)            TASK_RECOVER_HOST
+      lock_host -> confirm_host_failed -> check_storm -> fence_host -> list_vms_to_recover -> dispatch_vm_recoveries
+    recover_host_vm(incident, vm)     TASK_RECOVER_VM, one per VM, in priority order
+      claim_vm -> (re-read, decide, act, confirm_vm_left_host)* -> record -> the last one closes the incident
+
+At-least-once delivery: the host lock (lease + fencing token) keeps two copies of the host task from running
+together; progress markers on the incident (`fenced_at`, status RECOVERING, the pending set) make a re-run continue
+instead of replaying; VM tasks are idempotent (pending set, VM lock, re-read before acting). The incident's due time
+is the watchdog: while we work it is pushed a lease ahead; if a worker dies it comes due and the dispatcher sends the
+host task again, which re-sends the VM tasks still pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from oneha.celeryconf import TASK_SOFT_TIME_LIMIT_S
+from oneha.incidents import Kind, Status
+from oneha.keys import TASK_RECOVER_VM, VM_QUEUE
+from oneha.opennebula import HostState, HostView, VmView
+from oneha.settings import ClusterPolicy
+from workers.fence import FenceResult, run_fence
+from workers.hooks import step
+from workers.runtime import Flow, Runtime
+from workers.vm_steps import claim_vm, recover_vm_of_host, release_vm, select_vms
+
+log = logging.getLogger(__name__)
+
+OK_RESULTS = frozenset({"recovered", "dry_run", "skipped", "gone"})
+
+
+def storm_reason(cluster_hosts: list[HostView], recent_failures: int, max_share: float, max_hosts: int
+                 ) -> str | None:
+    """Why this looks like the front-end being cut off rather than hosts dying; None when it does not.
+
+    The share rule needs at least two failed hosts: one host is never a storm, even in a two-host cluster.
+    """
+    failed = sum(1 for h in cluster_hosts if h.failed)
+    if cluster_hosts and failed >= 2 and failed / len(cluster_hosts) > max_share:
+        return f"{failed}/{len(cluster_hosts)} hosts of the cluster in ERROR (> {max_share:.0%})"
+    if recent_failures > max_hosts:
+        return f"{recent_failures} host failures within the storm window (> {max_hosts})"
+    return None
+
+
+# Steps -------------------------------------------------------------------------------------------------------------
+@step("confirm_host_failed")
+def confirm_host_failed(flow: Flow) -> HostView:
+    return flow.rt.oned.host_info(flow.incident.resource_id)
+
+
+@step("check_storm")
+def check_storm(flow: Flow, host: HostView) -> str | None:
+    rt, inc, w = flow.rt, flow.incident, flow.rt.settings.worker
+    now = time.time()
+    key = rt.keys.host_failures
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.zadd(key, {str(inc.id): inc.opened_at})
+    pipe.zremrangebyscore(key, "-inf", now - w.storm_window_s)
+    pipe.zcount(key, now - w.storm_window_s, "+inf")
+    pipe.expire(key, int(w.storm_window_s) + 60)
+    recent = int(pipe.execute()[2])
+    if inc.approved:
+        return None
+    cluster = [h for h in rt.oned.host_pool() if h.cluster_id == host.cluster_id]
+    return storm_reason(cluster, recent, w.storm_max_share, w.storm_max_hosts)
+
+
+@step("fence_host")
+def fence_host(flow: Flow, host: HostView, policy: ClusterPolicy) -> FenceResult:
+    if flow.incident.extra.get("fenced_at"):
+        return FenceResult("fenced", 0, "already fenced in this incident")
+
+    def before_attempt() -> None:
+        flow.check_lease()
+        flow.rt.extend(flow.incident.id, policy.fence_timeout_s)
+
+    result = run_fence(policy, host, before_attempt)
+    flow.rt.hooks.fence(flow, result.result, attempts=result.attempts, detail=result.detail)
+    if result.ok:
+        flow.rt.store.set_fields(flow.incident.id, fenced_at=round(time.time(), 3), fence=result.result)
+    return result
+
+
+@step("list_vms_to_recover")
+def list_vms_to_recover(flow: Flow, host: HostView, policy: ClusterPolicy) -> list[VmView]:
+    vms = flow.rt.oned.vm_pool_set(host.vm_ids)
+    chosen, opted_out = select_vms(vms, host.id, policy.include_suspended)
+    if opted_out:
+        flow.rt.store.set_fields(flow.incident.id, opted_out=",".join(str(v.id) for v in opted_out))
+    return chosen
+
+
+@step("dispatch_vm_recoveries")
+def dispatch_vm_recoveries(flow: Flow, vms: list[VmView]) -> int:
+    """Pending set first (one SADD), then RECOVERING, then one task per VM in priority order on the FIFO queue."""
+    rt, inc = flow.rt, flow.incident
+    order = [v.id for v in vms]
+    if order:
+        rt.redis.sadd(rt.keys.incident_pending_vms(inc.id), *order)
+    rt.store.set_status(inc.id, Status.RECOVERING, order=json.dumps(order), vms_total=len(order))
+    for vid in order:
+        rt.send(TASK_RECOVER_VM, [inc.id, vid], VM_QUEUE)
+    return len(order)
+
+
+def redispatch_pending(flow: Flow) -> int:
+    """A re-run after the VM tasks were sent: send again those not finished (they are idempotent)."""
+    rt, inc = flow.rt, flow.incident
+    pending = {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc.id))}
+    if not pending:
+        finish_incident(rt, inc.id)
+        return 0
+    order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
+    order += sorted(pending - set(order))
+    rt.store.audit(inc.id, "redispatch", vms=len(order))
+    for vid in order:
+        rt.send(TASK_RECOVER_VM, [inc.id, vid], VM_QUEUE)
+    return len(order)
+
+
+# KEYS: pending set. ARGV: vm id. Remove it; 1 if we removed the last one (we close), else 0.
+_FINISH_VM = """
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
+"""
+
+
+def finish_incident(rt: Runtime, incident_id: int) -> Status | None:
+    """Close a host incident once every selected VM has its record: RECOVERED, or PARTIAL with the failures."""
+    inc = rt.store.get(incident_id)
+    if inc is None or not inc.status.is_open:
+        return None
+    records = rt.store.vm_records(incident_id)
+    bad = {vid: r.get("result") for vid, r in records.items() if r.get("result") not in OK_RESULTS}
+    if bad:
+        status = Status.PARTIAL
+        detail = f"{len(records) - len(bad)}/{len(records)} VMs recovered; not: " + ", ".join(
+            f"{v}:{r}" for v, r in sorted(bad.items())[:20])
+    else:
+        status = Status.RECOVERED
+        detail = f"{len(records)} VMs recovered"
+    rt.store.close(inc, status, detail)
+    return status
+
+
+# Tasks' bodies ------------------------------------------------------------------------------------------------------
+def recover_host(rt: Runtime, incident_id: int) -> str:
+    inc = rt.store.get(incident_id)
+    if inc is None or not inc.status.is_open:
+        return "closed"
+    if inc.kind is not Kind.HOST:
+        raise ValueError(f"incident {incident_id} is a {inc.kind} incident, not a host incident")
+    lease = rt.lease("host", inc.resource_id)
+    if not lease.acquire():
+        return "busy"  # another worker holds the host; if it dies, the lease expires and the watchdog re-sends
+    with lease:
+        flow = Flow(rt, inc, lease)
+        rt.extend(inc.id)
+        return _host_flow(flow)
+
+
+def _host_flow(flow: Flow) -> str:
+    rt, inc = flow.rt, flow.incident
+    policy = rt.settings.policy.for_cluster(inc.cluster_id)
+    if inc.status is Status.RECOVERING:
+        redispatch_pending(flow)
+        return "redispatched"
+    fenced = bool(inc.extra.get("fenced_at"))
+    host = confirm_host_failed(flow)
+    if not fenced and not host.failed:
+        came_back = host.state not in (HostState.DISABLED, HostState.OFFLINE)
+        rt.store.close(inc, Status.NO_ACTION, f"host is {host.state.name}", handled=not came_back)
+        return "no_action"
+    if not fenced:
+        reason = check_storm(flow, host)
+        if reason is not None:
+            if inc.status is not Status.HELD:
+                rt.hooks.alert(flow, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
+            rt.store.set_status(inc.id, Status.HELD, reason)
+            rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
+            return "held"
+    rt.store.set_status(inc.id, Status.RUNNING)
+    fence = fence_host(flow, host, policy)
+    if not fence.ok:
+        rt.store.set_status(inc.id, Status.FENCE_FAILED, fence.detail or fence.result)
+        rt.store.unschedule(inc.id)  # an operator must act; `oneha incidents approve` retries
+        rt.hooks.alert(flow, f"fencing host {host.id} failed: {fence.detail}; no VM touched")
+        return "fence_failed"
+    if policy.host_action == "none":
+        rt.store.close(inc, Status.NO_ACTION, "host_action = none: fenced, VMs left to the operator")
+        return "no_action"
+    vms = list_vms_to_recover(flow, host, policy)
+    if not vms:
+        rt.store.close(inc, Status.RECOVERED, "no VM to recover on the host")
+        return "recovered"
+    flow.check_lease()
+    dispatch_vm_recoveries(flow, vms)
+    return "dispatched"
+
+
+def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
+    inc = rt.store.get(incident_id)
+    if inc is None or not inc.status.is_open:
+        return "closed"
+    pending_key = rt.keys.incident_pending_vms(incident_id)
+    if not rt.redis.sismember(pending_key, str(vm_id)):
+        return "done"
+    rt.extend(incident_id)
+    flow = Flow(rt, inc)
+    owner = claim_vm(flow, vm_id)
+    if owner != incident_id:
+        outcome_record = {"action": "none", "result": "skipped", "attempts": 0,
+                          "detail": f"in recovery by incident {owner}"}
+        _finish_vm(flow, vm_id, outcome_record)
+        return "skipped"
+    lease = rt.lease("vm", vm_id)
+    if not lease.acquire():
+        return "busy"
+    with lease:
+        flow.lease = lease
+        policy = rt.settings.policy.for_cluster(inc.cluster_id)
+        budget = TASK_SOFT_TIME_LIMIT_S - 30
+        outcome = recover_vm_of_host(flow, vm_id, inc.resource_id, policy, budget)
+        flow.check_lease()
+        record = outcome.record()
+        rt.hooks.recovery(flow, vm_id, outcome.action, outcome.result, record)
+        _finish_vm(flow, vm_id, record)
+    release_vm(flow, vm_id)
+    return outcome.result
+
+
+def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object]) -> None:
+    rt, inc = flow.rt, flow.incident
+    rt.store.record_vm(inc.id, vm_id, record)
+    last = rt.redis.eval(_FINISH_VM, 1, rt.keys.incident_pending_vms(inc.id), str(vm_id))
+    if int(last) == 1:
+        finish_incident(rt, inc.id)
+    else:
+        rt.extend(inc.id)
+
+
+__all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "fence_host", "finish_incident",
+           "list_vms_to_recover", "recover_host", "recover_host_vm", "redispatch_pending", "storm_reason"]
+
+

@@ -1,0 +1,258 @@
+"""The oned gateway the flows use: pyone with timeouts, bounded retries, a global concurrency cap, batched reads.
+
+- Every call goes through `OnedGateway.call`: it takes a slot of the pool-wide semaphore (a Redis sorted set of
+  holders scored by expiry, `keys.oned_semaphore`; Lua acquire reaps expired holders, so a SIGKILLed worker cannot
+  leak a slot), runs the pyone call (its transport has connect/read timeouts, `oneha.opennebula.make_server`),
+  and classifies failures (`classify_error`): TRANSIENT is retried with exponential backoff and full jitter up to
+  `oned.call_attempts`; PERMANENT and WRONG_STATE are raised at once as `OnedError` (WRONG_STATE goes back to the
+  step, which re-reads and decides again).
+- `OnedError` carries a sanitised message: the session string never reaches a log line, an exception or Flower.
+- `VmReader` coalesces concurrent "re-read this VM" requests of all worker threads of a process into one
+  `one.vmpool.infoset` call, so re-reading before every action and polling for confirmation costs a fraction of a
+  call per VM instead of one call each (REFERENCE §5: one infoset call can serve many VMs).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Protocol, TypeVar
+
+import redis
+
+from oneha.keys import Keys
+from oneha.opennebula import ErrorKind, HostView, OnedClient, RecoverOp, VmView, classify_error, make_server
+from oneha.settings import OnedSettings
+from oneha.waiting import WaitTimeout, wait_until
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class OnedError(Exception):
+    """A failed oned call after retries. `kind` says what the caller should do; the message holds no secret."""
+
+    def __init__(self, method: str, kind: ErrorKind, message: str, attempts: int = 1) -> None:
+        super().__init__(f"{method}: {kind.value}: {message}")
+        self.method = method
+        self.kind = kind
+        self.attempts = attempts
+
+
+class CallObserver(Protocol):
+    def oned_call(self, method: str, seconds: float, error: ErrorKind | None) -> None: ...
+
+    def oned_retry(self, method: str) -> None: ...
+
+
+def full_jitter(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**attempt)]."""
+    cap = min(max_s, base_s * (2 ** max(0, attempt)))
+    return (rng or random).uniform(0, cap)
+
+
+# KEYS: semaphore zset. ARGV: holder, cap, ttl ms. Time from the Redis server, so worker clocks do not matter.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class OnedSemaphore:
+    """A global cap on concurrent oned calls: holders in a sorted set scored by their expiry (ms, Redis time)."""
+
+    def __init__(self, client: redis.Redis, key: str, cap: int, ttl_s: float) -> None:
+        self.r = client
+        self.key = key
+        self.cap = cap
+        self.ttl_ms = int(ttl_s * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+
+    def try_acquire(self, holder: str) -> bool:
+        return bool(self._acquire(keys=[self.key], args=[holder, self.cap, self.ttl_ms]))
+
+    def acquire(self, timeout_s: float) -> str:
+        holder = uuid.uuid4().hex
+        try:
+            wait_until(lambda: self.try_acquire(holder), timeout_s, interval_s=0.002, backoff=1.3,
+                       max_interval_s=0.05, what="an oned call slot")
+        except WaitTimeout as exc:
+            raise OnedError("semaphore", ErrorKind.TRANSIENT, "no oned call slot free") from exc
+        return holder
+
+    def release(self, holder: str) -> None:
+        self.r.zrem(self.key, holder)
+
+    def holders(self) -> int:
+        return int(self.r.zcard(self.key))
+
+
+class OnedGateway:
+    """The calls the flows make, each capped, retried and counted. Thread-safe."""
+
+    def __init__(self, client: OnedClient, semaphore: OnedSemaphore, settings: OnedSettings, secret: str = "",
+                 observer: CallObserver | None = None) -> None:
+        self.client = client
+        self.semaphore = semaphore
+        self.settings = settings
+        self.secret = secret
+        self.observer = observer
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._shared_ds: tuple[float, frozenset[int]] | None = None
+        self.reader = VmReader(self.vm_pool_set)
+
+    @classmethod
+    def connect(cls, settings: OnedSettings, session: str, client: redis.Redis, keys: Keys,
+                observer: CallObserver | None = None) -> OnedGateway:
+        server = make_server(settings.endpoint, session, settings.connect_timeout_s, settings.read_timeout_s,
+                             settings.https_verify)
+        ttl = settings.connect_timeout_s + settings.read_timeout_s + 5.0
+        sem = OnedSemaphore(client, keys.oned_semaphore, settings.max_concurrent_calls, ttl)
+        return cls(OnedClient(server), sem, settings, session, observer)
+
+    # The one place every call passes ---------------------------------------------------------------------------
+    def call(self, method: str, fn: Callable[[], T]) -> T:
+        attempts = self.settings.call_attempts
+        for attempt in range(attempts):
+            holder = self.semaphore.acquire(self.settings.read_timeout_s + self.settings.connect_timeout_s)
+            started = time.monotonic()
+            try:
+                with self._lock:
+                    self.calls[method] += 1
+                result = fn()
+            except Exception as exc:
+                kind = classify_error(exc)
+                if self.observer:
+                    self.observer.oned_call(method, time.monotonic() - started, kind)
+                message = self._clean(exc)
+                if kind is not ErrorKind.TRANSIENT or attempt == attempts - 1:
+                    raise OnedError(method, kind, message, attempt + 1) from None
+                log.info("oned %s failed transiently (%s), attempt %d/%d", method, message, attempt + 1, attempts)
+                if self.observer:
+                    self.observer.oned_retry(method)
+            else:
+                if self.observer:
+                    self.observer.oned_call(method, time.monotonic() - started, None)
+                return result
+            finally:
+                self.semaphore.release(holder)
+            time.sleep(full_jitter(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s))
+        raise AssertionError("unreachable")
+
+    def _clean(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"[:300]
+        if self.secret:
+            text = text.replace(self.secret, "***")
+            user_pass = self.secret.split(":", 1)
+            if len(user_pass) == 2 and user_pass[1]:
+                text = text.replace(user_pass[1], "***")
+        return text
+
+    # The calls -------------------------------------------------------------------------------------------------
+    def host_info(self, host_id: int) -> HostView:
+        return self.call("one.host.info", lambda: self.client.host_info(host_id))
+
+    def host_pool(self) -> list[HostView]:
+        return self.call("one.hostpool.info", self.client.host_pool)
+
+    def vm_info(self, vm_id: int) -> VmView:
+        return self.call("one.vm.info", lambda: self.client.vm_info(vm_id))
+
+    def vm_pool_set(self, vm_ids: Iterable[int]) -> list[VmView]:
+        ids = sorted(set(vm_ids))
+        out: list[VmView] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            out.extend(self.call("one.vmpool.infoset", functools.partial(self.client.vm_pool_set, chunk)))
+        return out
+
+    def vm_action(self, action: str, vm_id: int) -> None:
+        self.call("one.vm.action", lambda: self.client.vm_action(action, vm_id))
+
+    def vm_recover(self, vm_id: int, op: RecoverOp) -> None:
+        self.call("one.vm.recover", lambda: self.client.vm_recover(vm_id, op))
+
+    def shared_system_datastores(self, max_age_s: float = 30.0) -> frozenset[int]:
+        cached = self._shared_ds
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
+        value = self.call("one.datastorepool.info", self.client.shared_system_datastores)
+        self._shared_ds = (time.monotonic(), value)
+        return value
+
+
+class VmReader:
+    """Coalesces concurrent VM reads of one process into `one.vmpool.infoset` calls.
+
+    Callers queue the ids they need; one fetcher thread takes everything queued, makes one call (chunked at 500),
+    and hands each caller its VMs. Requests made while a call is in flight go into the next call, so batches grow
+    with load and a lone request is served at once. The read starts after the request, so it is as fresh as a
+    dedicated `one.vm.info`.
+    """
+
+    def __init__(self, fetch: Callable[[Iterable[int]], list[VmView]]) -> None:
+        self.fetch = fetch
+        self._cond = threading.Condition()
+        self._queue: list[tuple[frozenset[int], Future[dict[int, VmView]]]] = []
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    def get_many(self, vm_ids: Iterable[int], timeout_s: float = 120.0) -> dict[int, VmView]:
+        """The VMs that exist among `vm_ids` (a VM missing from the answer no longer exists)."""
+        fut: Future[dict[int, VmView]] = Future()
+        with self._cond:
+            self._queue.append((frozenset(vm_ids), fut))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="oneha-vm-reader", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return fut.result(timeout=timeout_s)
+
+    def get(self, vm_id: int, timeout_s: float = 120.0) -> VmView | None:
+        return self.get_many([vm_id], timeout_s).get(vm_id)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            wanted = frozenset().union(*(ids for ids, _ in batch))
+            try:
+                views = {v.id: v for v in self.fetch(wanted)}
+            except BaseException as exc:  # handed to every waiter; the thread keeps serving
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            self.batches += 1
+            for ids, fut in batch:
+                fut.set_result({i: views[i] for i in ids if i in views})
+
+
+def describe(exc: BaseException) -> str:
+    """A loggable one-liner for any exception a step may see (OnedError is already clean)."""
+    if isinstance(exc, OnedError):
+        return str(exc)
+    return type(exc).__name__
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, OnedError) and exc.kind is ErrorKind.TRANSIENT
+
+
+__all__ = ["CallObserver", "OnedError", "OnedGateway", "OnedSemaphore", "VmReader", "describe", "full_jitter",
+           "is_transient"]

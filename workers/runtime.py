@@ -1,0 +1,105 @@
+"""What a flow needs at hand: settings, Redis, the incident store, the oned gateway, hooks, a task sender.
+
+One `Runtime` per worker process, built lazily on the first task (`get_runtime`); tests build their own with
+`Runtime.build(settings, send=...)` and call the flows as plain functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from oneha.incidents import Incident, IncidentStore
+from oneha.keys import Keys
+from oneha.settings import Settings, load_settings
+from workers.hooks import Hooks
+from workers.lock import Lease
+from workers.oned import OnedGateway
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[str, list[Any], str], None]  # task name, args, queue
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    keys: Keys
+    store: IncidentStore
+    oned: OnedGateway
+    hooks: Hooks
+    send: Sender
+
+    @classmethod
+    def build(cls, settings: Settings, send: Sender) -> Runtime:
+        client = redis.Redis.from_url(settings.redis.url, decode_responses=True, health_check_interval=30)
+        keys = Keys(settings.redis.key_prefix)
+        store = IncidentStore(client, keys, settings.audit.retention_s, settings.audit.max_incidents)
+        hooks = Hooks()
+        oned = OnedGateway.connect(settings.oned, settings.oned_session, client, keys, hooks)
+        return cls(settings, client, keys, store, oned, hooks, send)
+
+    def lease(self, resource: Any, resource_id: int) -> Lease:
+        return Lease(self.redis, self.keys, resource, resource_id, self.settings.worker.lock_ttl_s)
+
+    def extend(self, incident_id: int, extra_s: float = 0.0) -> None:
+        """Push the incident's watchdog (its due time) a lease ahead: we are working on it."""
+        self.store.schedule(incident_id, time.time() + self.settings.worker.task_lease_s + extra_s)
+
+
+@dataclass
+class Flow:
+    """One run of a flow for one incident."""
+
+    rt: Runtime
+    incident: Incident
+    lease: Lease | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            from workers.app import app
+
+            def send(name: str, args: list[Any], queue: str) -> None:
+                app.send_task(name, args=args, queue=queue)
+
+            _runtime = Runtime.build(load_settings(), send)
+        return _runtime
+
+
+def start_metrics_and_heartbeat(hostname: str) -> None:
+    """In a worker process: serve Prometheus metrics, and beat `keys.heartbeat` so tools see the worker."""
+    rt = get_runtime()
+    port = rt.settings.worker.metrics_port
+    if port is not None:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr=rt.settings.worker.metrics_bind)
+        log.info("worker metrics on http://%s:%d/metrics", rt.settings.worker.metrics_bind, server.server_port)
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                rt.redis.hset(rt.keys.heartbeat, f"worker:{hostname}", time.time())
+            time.sleep(5)  # heartbeat period, not synchronisation
+
+    threading.Thread(target=beat, name="oneha-heartbeat", daemon=True).start()

@@ -1,0 +1,59 @@
+"""Thin Celery tasks, named by the constants in oneha/keys.py; the logic lives in plain functions.
+
+Retries: only for transient failures (oned unreachable after the gateway's own retries, Redis hiccups), with
+exponential backoff and full jitter, capped at 30 s (no long countdowns: REFERENCE §6), bounded by `max_retries`.
+Past that the incident stays due and the dispatcher's watchdog sends it again after its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Task
+
+from oneha.keys import TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT
+from workers.app import app
+from workers.lock import LeaseLost
+from workers.oned import full_jitter, is_transient
+from workers.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 5
+
+
+def run_task(task: Task, fn: Callable[..., str], *args: Any) -> str:
+    try:
+        return fn(get_runtime(), *args)
+    except LeaseLost as exc:
+        log.warning("%s%s: %s; stopping (another worker holds it now)", task.name, list(args), exc)
+        return "lease_lost"
+    except Exception as exc:
+        if is_transient(exc) or isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            countdown = full_jitter(task.request.retries, 1.0, 30.0)
+            log.warning("%s%s: transient failure (%s), retry in %.1fs", task.name, list(args), exc, countdown)
+            raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from None
+        raise
+
+
+@app.task(bind=True, name=TASK_RECOVER_HOST, max_retries=MAX_RETRIES, acks_late=True)
+def recover_host(self: Task, incident_id: int) -> str:
+    from workers.host_flow import recover_host as flow
+
+    return run_task(self, flow, int(incident_id))
+
+
+@app.task(bind=True, name=TASK_RECOVER_VM, max_retries=MAX_RETRIES, acks_late=True)
+def recover_vm(self: Task, incident_id: int, vm_id: int) -> str:
+    from workers.host_flow import recover_host_vm as flow
+
+    return run_task(self, flow, int(incident_id), int(vm_id))
+
+
+@app.task(bind=True, name=TASK_VM_INCIDENT, max_retries=MAX_RETRIES, acks_late=True)
+def vm_incident(self: Task, incident_id: int) -> str:
+    from workers.vm_flows import handle_vm_incident as flow
+
+    return run_task(self, flow, int(incident_id))

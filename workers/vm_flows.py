@@ -1,0 +1,203 @@
+"""VM failure and VM crash flows (TASK_VM_INCIDENT).
+
+- VM failure (an LCM *_FAILURE state): recreate (`recover 4`) or delete (`recover 3`) per policy, with loop
+  protection: at most `vm_failure_max_recoveries` recoveries of one VM within `vm_failure_window_s`
+  (`keys.vm_recoveries`, one member per incident, so a redelivered task does not count twice); beyond that the VM is
+  left alone, the incident FAILED and an alert logged.
+- VM crash (ACTIVE/UNKNOWN on a MONITORED host): `resume`, confirm RUNNING. If the host is not MONITORED or has an
+  open host incident, the host incident owns the VM: NO_ACTION.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from oneha.incidents import Kind, Status
+from oneha.opennebula import FAILURE_LCM_STATES, LcmState, VmState, VmView
+from workers.hooks import step
+from workers.runtime import Flow, Runtime
+from workers.vm_steps import act, claim_vm, confirm, release_vm
+
+log = logging.getLogger(__name__)
+
+
+def handle_vm_incident(rt: Runtime, incident_id: int) -> str:
+    inc = rt.store.get(incident_id)
+    if inc is None or not inc.status.is_open:
+        return "closed"
+    if inc.kind is Kind.HOST:
+        raise ValueError(f"incident {incident_id} is a host incident")
+    lease = rt.lease("vm", inc.resource_id)
+    if not lease.acquire():
+        return "busy"
+    with lease:
+        flow = Flow(rt, inc, lease)
+        rt.extend(inc.id)
+        try:
+            if inc.kind is Kind.VM_FAILURE:
+                return vm_failure_flow(flow)
+            return vm_crash_flow(flow)
+        finally:
+            release_vm(flow, inc.resource_id)
+
+
+def _close(flow: Flow, status: Status, detail: str, vm: VmView | None, action: str, result: str,
+           handled: bool = True, attempts: int = 0) -> str:
+    rt, inc = flow.rt, flow.incident
+    token = inc.extra.get("token") or (str(vm.history_seq) if vm is not None else "")
+    record = {"action": action, "result": result, "attempts": attempts, "detail": detail,
+              "final_state": vm.state_name if vm is not None else "", "seconds": round(time.time() - inc.opened_at, 3)}
+    if action != "none" or result not in ("no_action",):
+        rt.store.record_vm(inc.id, inc.resource_id, record)
+        rt.hooks.recovery(flow, inc.resource_id, action, result, record)
+    rt.store.close(inc, status, detail, handled=handled, handled_token=token if handled else "")
+    return result
+
+
+def is_failed(vm: VmView) -> bool:
+    return vm.state == VmState.ACTIVE and vm.lcm_state in FAILURE_LCM_STATES
+
+
+@step("check_loop_protection")
+def check_loop_protection(flow: Flow, vm_id: int) -> int:
+    """Recoveries of this VM by other incidents within the window (ours does not count)."""
+    w = flow.rt.settings.worker
+    key = flow.rt.keys.vm_recoveries(vm_id)
+    now = time.time()
+    flow.rt.redis.zremrangebyscore(key, "-inf", now - w.vm_failure_window_s)
+    members = flow.rt.redis.zrangebyscore(key, now - w.vm_failure_window_s, "+inf")
+    return sum(1 for m in members if m != str(flow.incident.id))
+
+
+def _count_recovery(flow: Flow, vm_id: int) -> None:
+    w = flow.rt.settings.worker
+    key = flow.rt.keys.vm_recoveries(vm_id)
+    flow.rt.redis.zadd(key, {str(flow.incident.id): time.time()})
+    flow.rt.redis.expire(key, int(w.vm_failure_window_s) + 60)
+
+
+def vm_failure_flow(flow: Flow) -> str:
+    rt, inc = flow.rt, flow.incident
+    w = rt.settings.worker
+    vid = inc.resource_id
+    policy = rt.settings.policy.for_cluster(inc.cluster_id)
+    vm = rt.oned.vm_info(vid)
+    if not is_failed(vm):
+        if inc.extra.get("acted_at"):
+            return _close(flow, Status.RECOVERED, f"recovered: now {vm.state_name}", vm,
+                          policy.vm_failure_action, "recovered")
+        return _close(flow, Status.NO_ACTION, f"not in a failure state: {vm.state_name}", vm, "none", "no_action",
+                      handled=False)
+    if policy.vm_failure_action == "none":
+        return _close(flow, Status.NO_ACTION, "vm_failure_action = none", vm, "none", "no_action")
+    owner = claim_vm(flow, vid)
+    if owner != inc.id:
+        return _close(flow, Status.NO_ACTION, f"in recovery by incident {owner}", vm, "none", "no_action",
+                      handled=False)
+    done_before = check_loop_protection(flow, vid)
+    if done_before >= w.vm_failure_max_recoveries:
+        rt.hooks.alert(flow, f"VM {vid} failed again after {done_before} recoveries within "
+                             f"{w.vm_failure_window_s:g}s: left in {vm.state_name}")
+        return _close(flow, Status.FAILED, f"loop protection: {done_before} recoveries within the window", vm,
+                      "none", "loop_protection")
+    action = policy.vm_failure_action
+    seq = vm.history_seq
+    attempts = 0
+    while attempts < w.vm_attempts:
+        if not is_failed(vm):
+            break
+        attempts += 1
+        _count_recovery(flow, vid)
+        outcome = act(flow, vm, action)
+        if outcome == "dry_run":
+            return _close(flow, Status.NO_ACTION, f"dry run: would {action}", vm, action, "dry_run", handled=False)
+        if outcome == "gone":
+            return _close(flow, Status.NO_ACTION, "VM no longer exists", None, action, "gone")
+        if outcome == "done":
+            rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
+
+            def settled(v: VmView) -> bool | None:
+                if action == "delete":
+                    return True if v.state == VmState.DONE else None
+                return True if (not is_failed(v) or v.history_seq != seq) else None
+
+            seen = confirm(flow, vid, settled, w.confirm_timeout_s)
+            if seen is not None or action == "delete":
+                final = seen or vm
+                if action == "delete" and seen is None:
+                    vm = rt.oned.vm_info(vid)
+                    continue
+                return _close(flow, Status.RECOVERED, f"{action}: now {final.state_name}", final, action,
+                              "recovered", attempts=attempts)
+        vm = rt.oned.vm_info(vid)
+    if not is_failed(vm):
+        return _close(flow, Status.RECOVERED, f"now {vm.state_name}", vm, action, "recovered", attempts=attempts)
+    return _close(flow, Status.FAILED, f"still {vm.state_name} after {attempts} attempts", vm, action, "failed",
+                  attempts=attempts)
+
+
+@step("check_crash_owner")
+def check_crash_owner(flow: Flow, vm: VmView) -> str | None:
+    """Why the host incident owns this VM, or None when the crash is ours to handle."""
+    if vm.hid is None:
+        return "VM has no host"
+    open_host = flow.rt.store.open_incident_id("host", vm.hid)
+    if open_host is not None:
+        return f"host {vm.hid} has open incident {open_host}"
+    host = flow.rt.oned.host_info(vm.hid)
+    if not host.healthy:
+        return f"host {vm.hid} is {host.state.name}"
+    return None
+
+
+def vm_crash_flow(flow: Flow) -> str:
+    rt, inc = flow.rt, flow.incident
+    w = rt.settings.worker
+    vid = inc.resource_id
+    policy = rt.settings.policy.for_cluster(inc.cluster_id)
+    vm = rt.oned.vm_info(vid)
+    crashed = vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.UNKNOWN
+    if not crashed:
+        if inc.extra.get("acted_at") and vm.lcm_state == LcmState.RUNNING:
+            return _close(flow, Status.RECOVERED, "resumed", vm, "resume", "recovered", handled=False)
+        return _close(flow, Status.NO_ACTION, f"not crashed: {vm.state_name}", vm, "none", "no_action",
+                      handled=False)
+    owner_reason = check_crash_owner(flow, vm)
+    if owner_reason is not None:
+        return _close(flow, Status.NO_ACTION, f"the host incident owns it: {owner_reason}", vm, "none", "no_action")
+    if policy.vm_crash_action == "none":
+        return _close(flow, Status.NO_ACTION, "vm_crash_action = none", vm, "none", "no_action")
+    owner = claim_vm(flow, vid)
+    if owner != inc.id:
+        return _close(flow, Status.NO_ACTION, f"in recovery by incident {owner}", vm, "none", "no_action",
+                      handled=False)
+    attempts = 0
+    while attempts < w.vm_attempts:
+        if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING:
+            break
+        if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.UNKNOWN:
+            attempts += 1
+            outcome = act(flow, vm, "resume")
+            if outcome == "dry_run":
+                return _close(flow, Status.NO_ACTION, "dry run: would resume", vm, "resume", "dry_run",
+                              handled=False)
+            if outcome == "gone":
+                return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "resume", "gone")
+            if outcome == "done":
+                rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
+
+        def running(v: VmView) -> bool | None:
+            if v.state == VmState.ACTIVE and v.lcm_state == LcmState.RUNNING:
+                return True
+            if v.state == VmState.ACTIVE and v.lcm_state == LcmState.UNKNOWN:
+                return False  # the boot did not take: try again
+            return None
+
+        seen = confirm(flow, vid, running, w.confirm_timeout_s)
+        vm = seen if seen is not None else rt.oned.vm_info(vid)
+    if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING:
+        return _close(flow, Status.RECOVERED, "resumed: RUNNING", vm, "resume", "recovered", handled=False,
+                      attempts=attempts)
+    return _close(flow, Status.FAILED, f"still {vm.state_name} after {attempts} resumes", vm, "resume", "failed",
+                  attempts=attempts)

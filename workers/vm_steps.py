@@ -1,0 +1,278 @@
+"""Steps on one VM, shared by the host flow's VM tasks and the VM failure / crash flows.
+
+Every mutating step re-reads the VM first (through the process's batched `VmReader`), decides from what it sees,
+checks the lease token right before the oned call, and does nothing if the VM already left the host or is already
+in recovery. So a step run twice (redelivery, a worker that died after acting) converges instead of acting twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from oneha.opennebula import FAILURE_LCM_STATES, VM_IN_FLIGHT_LCM_STATES, LcmState, RecoverOp, VmState, VmView
+from oneha.settings import ClusterPolicy
+from oneha.waiting import WaitTimeout, wait_until
+from workers.hooks import step
+from workers.oned import OnedError
+from workers.runtime import Flow
+
+log = logging.getLogger(__name__)
+
+RECOVERABLE_HOST_STATES = (VmState.ACTIVE,)
+OFF_STATES = (VmState.SUSPENDED, VmState.POWEROFF)
+
+
+# Pure decisions ---------------------------------------------------------------------------------------------------
+def select_vms(vms: Iterable[VmView], host_id: int, include_suspended: bool) -> tuple[list[VmView], list[VmView]]:
+    """(to recover in order, opted out): last history on this host, ACTIVE (+ SUSPENDED/POWEROFF), HA != NO.
+
+    Order: HA_PRIORITY descending, then VM id (stable, so a re-run dispatches in the same order).
+    """
+    states = RECOVERABLE_HOST_STATES + (OFF_STATES if include_suspended else ())
+    on_host = [v for v in vms if v.hid == host_id and v.state in states]
+    chosen = sorted((v for v in on_host if not v.ha_opt_out), key=lambda v: (-v.ha_priority, v.id))
+    return chosen, [v for v in on_host if v.ha_opt_out]
+
+
+def has_left_host(vm: VmView, host_id: int, action: str | None = None) -> bool:
+    """The VM is no longer the failed host's problem: PENDING, on its way, or placed on another host.
+
+    For a delete only DONE counts. A VM in a *_FAILURE state has not left (a failed migration, for instance).
+    """
+    if action == "delete":
+        return vm.state == VmState.DONE
+    if vm.state == VmState.ACTIVE:
+        if vm.lcm_state in FAILURE_LCM_STATES:
+            return False
+        if vm.lcm_state == LcmState.CLEANUP_RESUBMIT:
+            return True  # recreate under way: PENDING next
+        return vm.hid != host_id and vm.lcm_state != LcmState.UNKNOWN
+    if vm.state in OFF_STATES:
+        return vm.hid != host_id
+    return True  # PENDING, HOLD, STOPPED, UNDEPLOYED, DONE: not on the host any more
+
+
+def in_transition(vm: VmView) -> bool:
+    """oned is moving this VM already (it would refuse an action anyway): wait, do not act."""
+    return vm.state == VmState.ACTIVE and vm.lcm_state in VM_IN_FLIGHT_LCM_STATES
+
+
+def choose_action(vm: VmView, policy: ClusterPolicy, shared_ds: frozenset[int], migrate_failed: bool = False
+                  ) -> tuple[str, str]:
+    """(action, why) for a VM of a failed host: migrate | recreate | delete | none | report."""
+    action = policy.host_action
+    if action != "migrate":
+        return action, f"policy {action}"
+    reason = ""
+    if migrate_failed:
+        reason = "migration failed"
+    elif vm.ds_id not in shared_ds:
+        reason = f"system datastore {vm.ds_id} not shared"
+    elif vm.state == VmState.SUSPENDED:
+        reason = "resched is not accepted from SUSPENDED"
+    if not reason:
+        return "migrate", "shared system datastore"
+    if vm.resched:
+        return "migrate", "already rescheduled"
+    return ("recreate", f"fallback: {reason}") if policy.migrate_fallback == "recreate" else ("report", reason)
+
+
+# Steps -----------------------------------------------------------------------------------------------------------
+# KEYS: vm_recovering. ARGV: incident id, ttl ms. Claim or extend our claim; return the holder.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+"""
+_UNCLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def claim_ttl_s(flow: Flow) -> float:
+    w = flow.rt.settings.worker
+    return w.confirm_timeout_s + w.lock_ttl_s + w.task_lease_s
+
+
+@step("claim_vm")
+def claim_vm(flow: Flow, vm_id: int) -> int:
+    """SET NX `vm_recovering`: returns the incident that owns the VM's recovery (ours, or another one)."""
+    r = flow.rt.redis
+    holder = r.eval(_CLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id),
+                    int(claim_ttl_s(flow) * 1000))
+    return int(holder)
+
+
+def release_vm(flow: Flow, vm_id: int) -> None:
+    flow.rt.redis.eval(_UNCLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id))
+
+
+def read_vm(flow: Flow, vm_id: int) -> VmView | None:
+    return flow.rt.oned.reader.get(vm_id)
+
+
+def _mutate(flow: Flow, vm: VmView, what: str) -> bool:
+    """Last gate before a mutating call: lease token, dry-run. True = go ahead."""
+    flow.check_lease()
+    if flow.rt.settings.worker.dry_run:
+        log.warning("DRY RUN incident %s: would %s VM %s (%s)", flow.incident.id, what, vm.id, vm.state_name)
+        flow.rt.store.audit(flow.incident.id, "dry_run", vm=vm.id, would=what, state=vm.state_name)
+        return False
+    return True
+
+
+@step("recreate_vm")
+def recreate_vm(flow: Flow, vm: VmView) -> bool:
+    if not _mutate(flow, vm, "recover 4 (recreate)"):
+        return False
+    flow.rt.oned.vm_recover(vm.id, RecoverOp.DELETE_RECREATE)
+    return True
+
+
+@step("delete_vm")
+def delete_vm(flow: Flow, vm: VmView) -> bool:
+    if not _mutate(flow, vm, "recover 3 (delete)"):
+        return False
+    flow.rt.oned.vm_recover(vm.id, RecoverOp.DELETE)
+    return True
+
+
+@step("migrate_vm")
+def migrate_vm(flow: Flow, vm: VmView) -> bool:
+    if vm.resched:
+        return True  # already asked: the scheduler will move it
+    if not _mutate(flow, vm, "resched (migrate)"):
+        return False
+    flow.rt.oned.vm_action("resched", vm.id)
+    return True
+
+
+@step("resume_vm")
+def resume_vm(flow: Flow, vm: VmView) -> bool:
+    if not _mutate(flow, vm, "resume"):
+        return False
+    flow.rt.oned.vm_action("resume", vm.id)
+    return True
+
+
+ACTIONS = {"recreate": recreate_vm, "delete": delete_vm, "migrate": migrate_vm, "resume": resume_vm}
+
+
+def act(flow: Flow, vm: VmView, action: str) -> str:
+    """Run one mutating step: 'done', 'dry_run', 'wrong_state' (re-read and decide again) or 'gone'."""
+    try:
+        return "done" if ACTIONS[action](flow, vm) else "dry_run"
+    except OnedError as exc:
+        if exc.kind.value == "wrong_state":
+            return "wrong_state"
+        if "NoExists" in str(exc):
+            return "gone"
+        raise
+
+
+def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float) -> VmView | None:
+    """Poll (batched reads) until `done(vm)` says True or False; None at the deadline. Keeps the lease alive."""
+
+    def look() -> tuple[VmView | None, bool] | None:
+        flow.check_lease()
+        vm = read_vm(flow, vm_id)
+        if vm is None:
+            return (None, True)
+        verdict = done(vm) if callable(done) else None
+        return (vm, True) if verdict is not None else None
+
+    try:
+        found = wait_until(look, timeout_s, interval_s=0.05, backoff=1.5, max_interval_s=0.5,
+                           what=f"VM {vm_id} to settle")
+    except WaitTimeout:
+        return None
+    return found[0]
+
+
+@step("confirm_vm_left_host")
+def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: str, timeout_s: float
+                         ) -> VmView | None:
+    """Wait until the VM left the host (PENDING / on its way / placed elsewhere; DONE for delete) or failed."""
+
+    def verdict(vm: VmView) -> bool | None:
+        if has_left_host(vm, host_id, action):
+            return True
+        if vm.state == VmState.ACTIVE and vm.lcm_state in FAILURE_LCM_STATES:
+            return False
+        return None
+
+    return confirm(flow, vm_id, verdict, timeout_s)
+
+
+@dataclass
+class VmOutcome:
+    action: str
+    result: str  # recovered | dry_run | not_recoverable | left_on_host | failed | gone | timeout
+    attempts: int
+    detail: str
+    started_at: float
+    acted_at: float | None
+    confirmed_at: float | None
+    final_state: str = ""
+
+    def record(self) -> dict[str, object]:
+        return {"action": self.action, "result": self.result, "attempts": self.attempts, "detail": self.detail,
+                "started_at": round(self.started_at, 3),
+                "acted_at": round(self.acted_at, 3) if self.acted_at else None,
+                "confirmed_at": round(self.confirmed_at, 3) if self.confirmed_at else None,
+                "seconds": round((self.confirmed_at or time.time()) - self.started_at, 3),
+                "final_state": self.final_state}
+
+
+def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPolicy, budget_s: float) -> VmOutcome:
+    """Recover one VM of a failed host: re-read, decide, act, confirm; retry up to `vm_attempts`."""
+    w = flow.rt.settings.worker
+    started = time.time()
+    deadline = time.monotonic() + budget_s
+    attempts = 0
+    action = "none"
+    acted_at: float | None = None
+    migrate_failed = False
+    detail = ""
+    while True:
+        vm = read_vm(flow, vm_id)
+        if vm is None:
+            return VmOutcome(action, "gone", attempts, "VM no longer exists", started, acted_at, time.time())
+        if has_left_host(vm, host_id, action if action == "delete" else None):
+            return VmOutcome(action if attempts else "none", "recovered", attempts,
+                             detail or "already left the host", started, acted_at, time.time(), vm.state_name)
+        if attempts >= w.vm_attempts or time.monotonic() >= deadline:
+            result = "failed" if attempts >= w.vm_attempts else "timeout"
+            return VmOutcome(action, result, attempts, detail or f"still {vm.state_name}", started, acted_at, None,
+                             vm.state_name)
+        if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.PROLOG_MIGRATE_UNKNOWN_FAILURE:
+            migrate_failed = True
+        if in_transition(vm):
+            outcome = "waiting"
+        else:
+            action, why = choose_action(vm, policy, flow.rt.oned.shared_system_datastores(), migrate_failed)
+            if action == "none":
+                return VmOutcome(action, "left_on_host", attempts, why, started, None, None, vm.state_name)
+            if action == "report":
+                return VmOutcome(action, "not_recoverable", attempts, why, started, None, None, vm.state_name)
+            attempts += 1
+            outcome = act(flow, vm, action)
+            detail = why
+            if outcome == "dry_run":
+                return VmOutcome(action, "dry_run", attempts, why, started, None, None, vm.state_name)
+            if outcome == "gone":
+                continue
+            if outcome == "wrong_state":
+                detail = f"{why}; oned refused in {vm.state_name}"
+                continue  # re-read and decide again
+            acted_at = time.time()
+        remaining = max(0.1, min(w.confirm_timeout_s, deadline - time.monotonic()))
+        seen = confirm_vm_left_host(flow, vm_id, host_id, action, remaining)
+        if seen is not None and seen.state == VmState.ACTIVE and seen.lcm_state in FAILURE_LCM_STATES:
+            detail = f"{detail}; ended in {seen.state_name}"
+        # loop: the re-read at the top decides whether it is done
