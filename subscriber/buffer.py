@@ -20,6 +20,8 @@ from subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.buffer")
 
+REPLAY_CHUNK = 500
+
 
 class BufferedIntake:
     def __init__(self, intake: Intake, capacity: int, backoff_base_s: float = 0.1, backoff_max_s: float = 5.0) -> None:
@@ -36,16 +38,21 @@ class BufferedIntake:
         return len(self._pending)
 
     def submit(self, event: Event, source: str, received_at: float) -> None:
-        """Called by the receiving thread; never raises for Redis trouble."""
+        self.submit_many([(event, source, received_at)])
+
+    def submit_many(self, batch: list[tuple[Event, str, float]]) -> None:
+        """Called by the receiving thread; never raises for Redis trouble. A batch that failed half-way is
+        buffered whole: reporting a failure twice only counts one more report on its incident."""
         with self._lock:
             if not self._pending:
                 try:
-                    self.intake.handle(event, source, received_at)
+                    self.intake.handle_many(batch)
                     return
                 except redis.RedisError as exc:
                     self._fail(exc)
             # Keep order: once something is buffered, everything queues behind it until replayed.
-            self._push(event, source, received_at)
+            for event, source, received_at in batch:
+                self._push(event, source, received_at)
 
     def flush(self) -> int:
         """Replay buffered events if the backoff allows; returns how many went through."""
@@ -54,14 +61,15 @@ class BufferedIntake:
             if not self._pending or time.monotonic() < self._retry_at:
                 return 0
             while self._pending:
-                event, source, received_at = self._pending[0]
+                chunk = [self._pending[i] for i in range(min(REPLAY_CHUNK, len(self._pending)))]
                 try:
-                    self.intake.handle(event, source, received_at)
+                    self.intake.handle_many(chunk)
                 except redis.RedisError as exc:
                     self._fail(exc)
                     break
-                self._pending.popleft()
-                done += 1
+                for _ in chunk:
+                    self._pending.popleft()
+                done += len(chunk)
             if not self._pending:
                 self._backoff = self.backoff_base_s
                 log.info("buffer replayed", extra=kv(events=done))

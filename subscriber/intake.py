@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from oneha.incidents import IncidentStore, Kind
+from oneha.incidents import IncidentStore, Kind, ReportRequest
 from oneha.opennebula import (
     FAILURE_LCM_STATES,
     HOST_FAILED_STATES,
@@ -78,32 +79,46 @@ class Intake:
 
     def handle(self, event: Event, source: str, received_at: float | None = None) -> Result:
         """Report or cancel as the event says. Redis errors propagate: the caller buffers or retries."""
-        received_at = time.time() if received_at is None else received_at
-        metrics.EVENTS_RECEIVED.labels(source, event_kind(event)).inc()
-        result = self._host(event, source) if isinstance(event, HostEvent) else self._vm(event, source)
-        if result.outcome in (Outcome.OPENED, Outcome.DUPLICATE):
-            metrics.ENQUEUE_LATENCY.observe(max(0.0, time.time() - received_at))
-        return result
+        return self.handle_many([(event, source, time.time() if received_at is None else received_at)])[0]
 
-    def _host(self, event: HostEvent, source: str) -> Result:
-        if event.state in HOST_HEALTHY_STATES:
-            cancelled = self.store.cancel_waiting("host", event.host_id, f"host back to {event.state.name}")
-            self.store.clear_handled("host", [event.host_id])
-            if cancelled is not None:
-                metrics.INCIDENTS_CANCELLED.labels(Kind.HOST.value).inc()
-                log.info("incident cancelled", extra=kv(incident=cancelled, host=event.host_id, source=source))
-                return Result(Outcome.CANCELLED, cancelled)
-            return Result(Outcome.HEALTHY)
+    def handle_many(self, batch: Sequence[tuple[Event, str, float]]) -> list[Result]:
+        """Several events in order, their reports pipelined into as few Redis round trips as order allows.
+
+        A burst (a host failing takes all its VMs to UNKNOWN at once) costs one round trip, not one per event.
+        Cancellations are applied in sequence, after the reports queued before them.
+        """
+        results: list[Result | None] = [None] * len(batch)
+        queued: list[tuple[int, ReportRequest, float]] = []
+        for i, (event, source, received_at) in enumerate(batch):
+            metrics.EVENTS_RECEIVED.labels(source, event_kind(event)).inc()
+            planned = self._plan(event, source)
+            if isinstance(planned, ReportRequest):
+                queued.append((i, planned, received_at))
+                continue
+            if isinstance(event, HostEvent) and event.state in HOST_HEALTHY_STATES:
+                self._flush(queued, results)
+                planned = self._healthy(event, source)
+            results[i] = planned
+        self._flush(queued, results)
+        return [r if r is not None else Result(Outcome.IGNORED) for r in results]
+
+    def _plan(self, event: Event, source: str) -> ReportRequest | Result:
+        if isinstance(event, HostEvent):
+            return self._plan_host(event, source)
+        return self._plan_vm(event, source)
+
+    def _plan_host(self, event: HostEvent, source: str) -> ReportRequest | Result:
         if event.state not in HOST_FAILED_STATES:
             # DISABLED / OFFLINE are operator decisions, never a failure; their VMs are covered by the reconciler.
+            # (Healthy states are handled by the caller, in order.)
             return Result(Outcome.IGNORED)
         cluster = event.host.cluster_id if event.host is not None else -1
         # host_action "none" still opens the incident: the worker fences and reports (settings: "fence and
         # report only"); it just recovers no VM.
         grace = self.policy.for_cluster(cluster).host_grace_s
-        return self._report(Kind.HOST, event.host_id, cluster, grace, source, "")
+        return ReportRequest(Kind.HOST, event.host_id, cluster, grace, source, "")
 
-    def _vm(self, event: VmEvent, source: str) -> Result:
+    def _plan_vm(self, event: VmEvent, source: str) -> ReportRequest | Result:
         kind = failure_kind(event)
         if kind is None:
             return Result(Outcome.IGNORED)
@@ -120,16 +135,35 @@ class Intake:
             return Result(Outcome.POLICY_NONE)
         # The history sequence tells failure episodes apart: a VM redeployed since its last incident fails anew.
         token = str(vm.history_seq) if vm is not None else ""
-        return self._report(kind, event.vm_id, cluster, grace, source, token)
+        return ReportRequest(kind, event.vm_id, cluster, grace, source, token)
 
-    def _report(self, kind: Kind, rid: int, cluster: int, grace: float, source: str, token: str) -> Result:
-        rep = self.store.report(kind, rid, cluster, grace, source, token)
-        if not rep.opened:
-            metrics.DUPLICATES.labels(source).inc()
-            return Result(Outcome.DUPLICATE, rep.incident_id)
-        metrics.INCIDENTS_OPENED.labels(kind.value).inc()
-        log.info("incident opened", extra=kv(incident=rep.incident_id, kind=kind.value, resource=rid,
-                                             cluster=cluster, grace_s=grace, source=source))
-        if self.on_opened is not None and grace <= 0:
+    def _healthy(self, event: HostEvent, source: str) -> Result:
+        cancelled = self.store.cancel_waiting("host", event.host_id, f"host back to {event.state.name}")
+        self.store.clear_handled("host", [event.host_id])
+        if cancelled is None:
+            return Result(Outcome.HEALTHY)
+        metrics.INCIDENTS_CANCELLED.labels(Kind.HOST.value).inc()
+        log.info("incident cancelled", extra=kv(incident=cancelled, host=event.host_id, source=source))
+        return Result(Outcome.CANCELLED, cancelled)
+
+    def _flush(self, queued: list[tuple[int, ReportRequest, float]], results: list[Result | None]) -> None:
+        if not queued:
+            return
+        reports = self.store.report_many([q for _, q, _ in queued])
+        done = time.time()
+        wake = False
+        for (i, q, received_at), rep in zip(queued, reports, strict=True):
+            metrics.ENQUEUE_LATENCY.observe(max(0.0, done - received_at))
+            if not rep.opened:
+                metrics.DUPLICATES.labels(q.source).inc()
+                results[i] = Result(Outcome.DUPLICATE, rep.incident_id)
+                continue
+            metrics.INCIDENTS_OPENED.labels(q.kind.value).inc()
+            log.info("incident opened", extra=kv(incident=rep.incident_id, kind=q.kind.value,
+                                                 resource=q.resource_id, cluster=q.cluster_id, grace_s=q.grace_s,
+                                                 source=q.source))
+            wake = wake or q.grace_s <= 0
+            results[i] = Result(Outcome.OPENED, rep.incident_id)
+        queued.clear()
+        if wake and self.on_opened is not None:
             self.on_opened.set()
-        return Result(Outcome.OPENED, rep.incident_id)

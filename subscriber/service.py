@@ -56,7 +56,7 @@ class Service:
         self._oned_factory = oned
         self.threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
-        self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit, self.stop_event, sub.zmq_rcvhwm,
+        self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit_many, self.stop_event, sub.zmq_rcvhwm,
                                     sub.max_event_bytes, idle=self.buffer.flush)
         self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
                                      max_event_bytes=sub.max_event_bytes)

@@ -25,7 +25,7 @@ from subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.zmq")
 
-Sink = Callable[[Event, str, float], None]
+Sink = Callable[[list[tuple[Event, str, float]]], None]
 POLL_MS = 200  # SIGTERM is noticed within this long
 BATCH = 1000  # messages taken per wake-up before looking at the stop flag and the monitor again
 
@@ -126,17 +126,22 @@ class ZmqListener:
             log.info("zmq stopped", extra=kv(received=self.received))
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        """Take what is waiting (up to BATCH) and hand it over as one batch: one Redis round trip per burst."""
+        batch: list[tuple[Event, str, float]] = []
         for _ in range(BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             received_at = time.time()
             self.received += 1
-            metrics.LAST_EVENT.set(received_at)
             event = decode_frames(frames, self.max_event_bytes)
             if event is not None:
-                self.sink(event, "zmq", received_at)
+                batch.append((event, "zmq", received_at))
+        if self.received:
+            metrics.LAST_EVENT.set(time.time())
+        if batch:
+            self.sink(batch)
 
     def _monitor(self, monitor: zmq.Socket[bytes], seen: set[str]) -> None:
         while monitor.poll(0):

@@ -146,12 +146,12 @@ def test_not_acked_while_redis_refuses_the_report(redis_url: str, redis_client: 
     def failing_report(*args: object, **kwargs: object) -> None:
         raise redis.ConnectionError("simulated outage during report")
 
-    real = c.intake.store.report
-    c.intake.store.report = failing_report  # type: ignore[method-assign,assignment]
+    real = c.intake.store.report_many
+    c.intake.store.report_many = failing_report  # type: ignore[method-assign,assignment]
     with pytest.raises(redis.ConnectionError):
         c.poll_once()
     assert redis_client.xpending(STREAM, BRIDGE_GROUP)["pending"] == 1  # still ours, not lost
-    c.intake.store.report = real  # type: ignore[method-assign]
+    c.intake.store.report_many = real  # type: ignore[method-assign]
     c._retry_pending_at = 0.0
     wait_until(lambda: c.poll_once() and incidents(redis_url), 5, what="report after the outage")
     assert redis_client.xpending(STREAM, BRIDGE_GROUP)["pending"] == 0
