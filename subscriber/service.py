@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from oneha import heartbeat
 from oneha.incidents import IncidentStore
 from oneha.keys import Keys
 from oneha.opennebula import OnedClient, make_server
@@ -89,6 +90,9 @@ class Service:
             "zmq": self.listener.run, "stream": self.stream.run,
             "dispatcher": lambda: self.dispatcher.run(), "reconciler": self.reconciler.run,
         }
+        name = heartbeat.component_name("subscriber")
+        threading.Thread(target=heartbeat.run, args=(self.r, self.store.keys, name, self.stop_event),
+                         name="oneha-heartbeat", daemon=True).start()
         for name in self.components:
             thread = threading.Thread(target=self._guard(name, loops[name]), name=f"oneha-{name}", daemon=True)
             thread.start()
