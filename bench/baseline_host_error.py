@@ -33,7 +33,7 @@ def host_error(url: str, session: str, host_id: int, action: str = "recreate",
         proc = subprocess.run(fence_argv, input=base64.b64encode(str(host_reply[1]).encode()), check=False)
         if proc.returncode != 0:
             return 0  # fencing failed: no VM is touched
-    pool = ET.fromstring(_call(url, "one.vmpool.info", session, -2, -1, -1, -1, "")[1])  # noqa: S314 - lab XML
+    pool = ET.fromstring(_call(url, "one.vmpool.info", session, -2, -1, -1, -1, "")[1])
     method, arg = ACTIONS[action]
     issued = 0
     for vm in pool.findall("VM"):

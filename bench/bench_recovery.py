@@ -177,8 +177,8 @@ def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="only the 1-host scenario")
     args = parser.parse_args()
     started = time.monotonic()

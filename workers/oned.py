@@ -80,21 +80,32 @@ class OnedSemaphore:
         self.cap = cap
         self.ttl_ms = int(ttl_s * 1000)
         self._acquire = client.register_script(_ACQUIRE)
+        # In front of the Redis semaphore: threads of one process never contend for more slots than exist, so
+        # they wait on a local condition instead of polling Redis.
+        self._local = threading.BoundedSemaphore(cap)
 
     def try_acquire(self, holder: str) -> bool:
         return bool(self._acquire(keys=[self.key], args=[holder, self.cap, self.ttl_ms]))
 
     def acquire(self, timeout_s: float) -> str:
         holder = uuid.uuid4().hex
+        if not self._local.acquire(timeout=timeout_s):
+            raise OnedError("semaphore", ErrorKind.TRANSIENT, "no oned call slot free")
         try:
             wait_until(lambda: self.try_acquire(holder), timeout_s, interval_s=0.002, backoff=1.3,
-                       max_interval_s=0.05, what="an oned call slot")
-        except WaitTimeout as exc:
-            raise OnedError("semaphore", ErrorKind.TRANSIENT, "no oned call slot free") from exc
+                       max_interval_s=0.02, what="an oned call slot")
+        except BaseException as exc:
+            self._local.release()
+            if isinstance(exc, WaitTimeout):
+                raise OnedError("semaphore", ErrorKind.TRANSIENT, "no oned call slot free") from exc
+            raise
         return holder
 
     def release(self, holder: str) -> None:
-        self.r.zrem(self.key, holder)
+        try:
+            self.r.zrem(self.key, holder)
+        finally:
+            self._local.release()
 
     def holders(self) -> int:
         return int(self.r.zcard(self.key))
