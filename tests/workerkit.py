@@ -98,7 +98,7 @@ class WorkerPool:
             for proc in self.procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker exited: {self.logs()[-3000:]}")
-            return len(client.hkeys(keys.heartbeat)) >= n
+            return sum(1 for k in client.hkeys(keys.heartbeat) if str(k).startswith("worker:")) >= n
 
         wait_until(ready, timeout_s, what=f"{n} workers ready")
 
