@@ -137,7 +137,8 @@ def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "oneha", "worker", "--config", str(cfg), "--concurrency", str(concurrency),
                      "--loglevel", "WARNING", "--hostname", f"bench{i}@local"], stdout=log, stderr=log, env=env))
-            wait_until(lambda: sum(1 for k in client.hkeys(keys.heartbeat) if k.startswith("worker:")) >= workers, 60,
+            wait_until(lambda: sum(1 for k in client.hkeys(keys.heartbeat) if str(k).startswith("worker:")) >= workers,
+                       60,
                        what="workers ready")
             celery = make_celery(settings)
             dispatcher = Dispatcher(store, celery, settings.worker.task_lease_s, 0.02, stop)
