@@ -83,6 +83,9 @@ class Scenario:
             outcome = step()
             self.outcomes.append(outcome)
             self.say(f"  {'✔' if outcome.ok else '✘'} {name}: {describe(outcome)}")
+            # An incident closes once its VMs have *left* the failed host; let them land before the next failure,
+            # or the next one could hit a host they are still booting on (a real cloud does that too).
+            self._settled()
         return self._summary()
 
     # The five failures -------------------------------------------------------------------------------------
@@ -167,15 +170,21 @@ class Scenario:
                     return vid
         raise RuntimeError(f"no RUNNING VM on host {hid}")
 
-    def _summary(self) -> Summary:
-        """Duplicates and lost VMs from the oracle, once the cloud has settled (VMs in flight have landed)."""
+    def _settled(self) -> dict[str, Any]:
+        """The oracle once no VM is in flight and none is lost (or what it says at the deadline)."""
         def settled() -> dict[str, Any] | None:
             oracle = lab_call(self.url, "lab.oracle", time.time())
             return oracle if not oracle["lost"] and not self._in_flight() else None
         try:
-            oracle = wait_until(settled, self.timeout_s, what="the cloud to settle")
+            found: dict[str, Any] = wait_until(settled, self.timeout_s, what="the cloud to settle")
+            return found
         except WaitTimeout:
-            oracle = lab_call(self.url, "lab.oracle", time.time())
+            latest: dict[str, Any] = lab_call(self.url, "lab.oracle", time.time())
+            return latest
+
+    def _summary(self) -> Summary:
+        """Duplicates and lost VMs from the lab's truth, once the cloud has settled."""
+        oracle = self._settled()
         return Summary(self.outcomes, list(oracle["duplicates"]), list(oracle["lost"]))
 
     def _in_flight(self) -> bool:
