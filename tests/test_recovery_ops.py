@@ -1,0 +1,89 @@
+"""Operability of the recovery pool end to end: dry-run changes nothing, a hanging oned hangs nothing, and the
+worker's metrics endpoint reports what was done. Lab cloud, real Redis, `oneha worker` subprocesses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+
+from oneha.redis_server import free_port
+from oneha.waiting import wait_until
+from tests.labkit import call, running_lab
+from tests.workerkit import worker_stack
+
+pytestmark = pytest.mark.slow
+LAB = {"monitoring_interval_s": 0.5, "step_delay_s": 0.05}
+
+
+def host_in_error(url: str, host: int) -> bool:
+    return "<STATE>3</STATE>" in call(url, "one.host.info", host)
+
+
+def vm_states(url: str, vms: list[int]) -> dict[int, str]:
+    timeline = call(url, "lab.oracle")["timeline"]
+    last: dict[int, str] = {}
+    for _, kind, vid, state in timeline:
+        if kind == "vm" and vid in vms:
+            last[vid] = state
+    return last
+
+
+def test_dry_run_decides_and_records_but_changes_nothing(tmp_path: Path, redis_url: str) -> None:
+    with running_lab(hosts=3, **LAB) as lab:
+        vms = [call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(5)]
+        call(lab.rpc_url, "lab.host.kill", 0)
+        wait_until(lambda: host_in_error(lab.rpc_url, 0), 10, what="host 0 in ERROR")
+        with worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1, worker={"dry_run": True},
+                          policy={"host_action": "recreate"}) as stack:
+            incident = stack.wait_closed(stack.report_host(0))
+            records = stack.store.vm_records(incident.id)
+        assert sorted(records) == sorted(vms)
+        assert {r["result"] for r in records.values()} == {"dry_run"}
+        assert set(vm_states(lab.rpc_url, vms).values()) == {"ACTIVE/UNKNOWN"}  # nothing was touched
+        assert call(lab.rpc_url, "lab.stats")["calls"].get("one.vm.recover", 0) == 0
+
+
+def test_a_hanging_oned_times_out_and_the_incident_completes_when_it_answers(tmp_path: Path,
+                                                                             redis_url: str) -> None:
+    with running_lab(hosts=3, **LAB) as lab:
+        vms = [call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(3)]
+        call(lab.rpc_url, "lab.host.kill", 0)
+        wait_until(lambda: host_in_error(lab.rpc_url, 0), 10, what="host 0 in ERROR")
+        oned = {"read_timeout_s": 0.5, "call_attempts": 2}
+        with worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1, oned=oned,
+                          policy={"host_action": "recreate"}) as stack:
+            call(lab.rpc_url, "lab.faults", {"hang": True})
+            try:
+                incident_id = stack.report_host(0)
+                wait_until(lambda: "timed out" in stack.workers.logs().lower() or
+                           "timeout" in stack.workers.logs().lower(), 30, what="an oned call to time out")
+                assert stack.store.get(incident_id).status.is_open  # type: ignore[union-attr]
+            finally:
+                call(lab.rpc_url, "lab.faults", {"hang": False})
+            incident = stack.wait_closed(incident_id, timeout_s=90)
+        assert incident.status.value == "recovered", incident
+        assert sorted(stack.store.vm_records(incident.id)) == sorted(vms)
+
+
+def test_worker_metrics_report_recoveries_fencing_and_oned_calls(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    with running_lab(hosts=3, **LAB) as lab:
+        for _ in range(2):
+            call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"})
+        call(lab.rpc_url, "lab.host.kill", 0)
+        wait_until(lambda: host_in_error(lab.rpc_url, 0), 10, what="host 0 in ERROR")
+        with worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1, worker={"metrics_port": port},
+                          policy={"host_action": "recreate"}) as stack:
+            stack.wait_closed(stack.report_host(0))
+
+            def scraped() -> str | None:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                return text if 'oneha_recoveries_total{action="recreate",kind="host",result="recovered"} 2.0' \
+                    in text else None
+            text = wait_until(scraped, 10, what="the recoveries in the worker's metrics")
+        assert 'oneha_fence_total{result="fenced"} 1.0' in text
+        assert 'oneha_oned_call_seconds_count{method="vm.recover"}' in text or \
+            'oneha_oned_call_seconds_count{method="one.vm.recover"}' in text, text
+        assert "oneha_time_to_recover_seconds_count" in text
