@@ -37,7 +37,7 @@ from oneha.waiting import wait_until
 
 PER_HOST = 50
 LATENCY_MS = 20
-CAP = 8
+CAP = int(os.environ.get("ONEHA_BENCH_CAP", "16"))  # the pool-wide oned cap; the baseline runs up to 15 at once
 FENCE = ["true"]  # a fence command that succeeds at once: the bench measures recovery, not a BMC
 
 
@@ -116,6 +116,26 @@ fencing = {FENCE!r}
     return path
 
 
+def timeline(store: IncidentStore, incident_id: int, t0_wall: float) -> list[str]:
+    """The audit log of one incident as seconds after the failure was confirmed, and per-VM record figures."""
+    lines = []
+    per_vm = ("claim_vm", "recreate_vm", "delete_vm", "migrate_vm", "confirm_vm_left_host")
+    for e in store.log(incident_id):
+        if e.get("event") == "vm" or e.get("step") in per_vm:
+            continue
+        what = e.get("step") or e.get("event")
+        lines.append(f"  {e['t'] - t0_wall:7.3f}  {what}  {e.get('ms', '')}")
+    recs = list(store.vm_records(incident_id).values())
+    starts = sorted(r["started_at"] - t0_wall for r in recs if r.get("started_at"))
+    acted = [r["acted_at"] - r["started_at"] for r in recs if r.get("acted_at")]
+    conf = [r["confirmed_at"] - r["acted_at"] for r in recs if r.get("acted_at") and r.get("confirmed_at")]
+    if starts:
+        lines.append(f"  VM tasks started {starts[0]:.3f}..{starts[-1]:.3f}; started->acted mean "
+                     f"{1000 * sum(acted) / max(1, len(acted)):.0f} ms, acted->confirmed mean "
+                     f"{1000 * sum(conf) / max(1, len(conf)):.0f} ms")
+    return lines
+
+
 def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
     from subscriber.dispatcher import Dispatcher, make_celery
 
@@ -132,7 +152,7 @@ def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
             store = IncidentStore(client, keys)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             env.pop("ONEHA_CONFIG", None)
-            log = open(Path(tmp) / "workers.log", "wb")  # noqa: SIM115
+            log = open(os.environ.get("ONEHA_BENCH_WORKER_LOG") or Path(tmp) / "workers.log", "wb")  # noqa: SIM115
             for i in range(workers):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "oneha", "worker", "--config", str(cfg), "--concurrency", str(concurrency),
@@ -147,6 +167,7 @@ def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
             vms = vms_of(lab, hosts)
             lab_call(lab.rpc_url, "lab.faults", {"latency_ms": LATENCY_MS})
             t0 = fail_hosts(lab, hosts)
+            t0_wall = time.time() - (time.monotonic() - t0)
             stats(lab, reset=True)
             incidents = [store.report(Kind.HOST, h, 0, 0.0, "bench").incident_id for h in hosts]
             dispatcher.wake.set()
@@ -163,7 +184,8 @@ def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
             statuses = sorted({store.get(i).status.value for i in incidents})  # type: ignore[union-attr]
             return {"vms": len(vms), "confirmed_s": confirmed, "recovered_s": recovered, "statuses": statuses,
                     "calls_per_vm": st["total_one_calls"] / len(vms), "max_concurrent": st["max_concurrent"],
-                    "calls": st["calls"], "duplicates": len(lab.cloud.oracle()["duplicates"])}
+                    "calls": st["calls"], "duplicates": len(lab.cloud.oracle()["duplicates"]),
+                    "timeline": timeline(store, incidents[0], t0_wall)}
         finally:
             stop.set()
             for p in procs:
@@ -182,6 +204,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="only the 1-host scenario")
+    parser.add_argument("--timeline", action="store_true", help="print the first incident's audit timeline")
     args = parser.parse_args()
     started = time.monotonic()
     rows = []
@@ -206,6 +229,8 @@ def main() -> None:
         print(f"{'':<14}{'':<10}baseline issue / oneha confirmed = {ratio:.1f}x; baseline recovered / oneha "
               f"recovered = {base['recovered_s'] / ours['recovered_s']:.1f}x")
         print(f"{'':<14}{'':<10}oneha calls: {ours['calls']}")
+        if args.timeline:
+            print("\n".join(ours["timeline"]))
     print(f"\nbench took {time.monotonic() - started:.0f} s")
 
 

@@ -17,20 +17,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from oneha.celeryconf import TASK_SOFT_TIME_LIMIT_S
 from oneha.incidents import Kind, Status
 from oneha.keys import TASK_RECOVER_VM, VM_QUEUE
-from oneha.opennebula import HostState, HostView, VmView
+from oneha.opennebula import ErrorKind, HostState, HostView, VmView
 from oneha.settings import ClusterPolicy
 from workers.fence import FenceResult, run_fence
 from workers.hooks import step
+from workers.oned import OnedError
 from workers.runtime import Flow, Runtime
 from workers.vm_steps import claim_vm, recover_vm_of_host, release_vm, select_vms
 
 log = logging.getLogger(__name__)
 
 OK_RESULTS = frozenset({"recovered", "dry_run", "skipped", "gone"})
+# Reads a host flow starts ahead of time (the VMs of the host while it is being fenced). Each goes through the
+# oned gateway, so the pool-wide cap still bounds them.
+_READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="oneha-prefetch")
 
 
 def storm_reason(cluster_hosts: list[HostView], recent_failures: int, max_share: float, max_hosts: int
@@ -49,12 +54,18 @@ def storm_reason(cluster_hosts: list[HostView], recent_failures: int, max_share:
 
 # Steps -------------------------------------------------------------------------------------------------------------
 @step("confirm_host_failed")
-def confirm_host_failed(flow: Flow) -> HostView:
-    return flow.rt.oned.host_info(flow.incident.resource_id)
+def confirm_host_failed(flow: Flow) -> tuple[HostView, list[HostView]]:
+    """Re-read the host from oned: one `hostpool.info` serves this step and the storm guard's cluster view."""
+    pool = flow.rt.oned.host_pool()
+    for h in pool:
+        if h.id == flow.incident.resource_id:
+            return h, pool
+    raise OnedError("one.hostpool.info", ErrorKind.PERMANENT,
+                    f"[one.host.info] Error getting host [{flow.incident.resource_id}]: NoExists")
 
 
 @step("check_storm")
-def check_storm(flow: Flow, host: HostView) -> str | None:
+def check_storm(flow: Flow, host: HostView, pool: list[HostView] | None = None) -> str | None:
     rt, inc, w = flow.rt, flow.incident, flow.rt.settings.worker
     now = time.time()
     key = rt.keys.host_failures
@@ -66,7 +77,7 @@ def check_storm(flow: Flow, host: HostView) -> str | None:
     recent = int(pipe.execute()[2])
     if inc.approved:
         return None
-    cluster = [h for h in rt.oned.host_pool() if h.cluster_id == host.cluster_id]
+    cluster = [h for h in (pool if pool is not None else rt.oned.host_pool()) if h.cluster_id == host.cluster_id]
     return storm_reason(cluster, recent, w.storm_max_share, w.storm_max_hosts)
 
 
@@ -87,8 +98,10 @@ def fence_host(flow: Flow, host: HostView, policy: ClusterPolicy) -> FenceResult
 
 
 @step("list_vms_to_recover")
-def list_vms_to_recover(flow: Flow, host: HostView, policy: ClusterPolicy) -> list[VmView]:
-    vms = flow.rt.oned.vm_pool_set(host.vm_ids)
+def list_vms_to_recover(flow: Flow, host: HostView, policy: ClusterPolicy,
+                        prefetched: Future[list[VmView]] | None = None) -> list[VmView]:
+    """The VMs to recover, from one `vmpool.infoset` read (started while fencing: reading is harmless)."""
+    vms = prefetched.result() if prefetched is not None else flow.rt.oned.vm_pool_set(host.vm_ids)
     chosen, opted_out = select_vms(vms, host.id, policy.include_suspended)
     if opted_out:
         flow.rt.store.set_fields(flow.incident.id, opted_out=",".join(str(v.id) for v in opted_out))
@@ -103,8 +116,7 @@ def dispatch_vm_recoveries(flow: Flow, vms: list[VmView]) -> int:
     if order:
         rt.redis.sadd(rt.keys.incident_pending_vms(inc.id), *order)
     rt.store.set_status(inc.id, Status.RECOVERING, order=json.dumps(order), vms_total=len(order))
-    for vid in order:
-        rt.send(TASK_RECOVER_VM, [inc.id, vid], VM_QUEUE)
+    rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in order], VM_QUEUE)
     return len(order)
 
 
@@ -118,8 +130,7 @@ def redispatch_pending(flow: Flow) -> int:
     order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
     order += sorted(pending - set(order))
     rt.store.audit(inc.id, "redispatch", vms=len(order))
-    for vid in order:
-        rt.send(TASK_RECOVER_VM, [inc.id, vid], VM_QUEUE)
+    rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in order], VM_QUEUE)
     return len(order)
 
 
@@ -172,13 +183,13 @@ def _host_flow(flow: Flow) -> str:
         redispatch_pending(flow)
         return "redispatched"
     fenced = bool(inc.extra.get("fenced_at"))
-    host = confirm_host_failed(flow)
+    host, pool = confirm_host_failed(flow)
     if not fenced and not host.failed:
         came_back = host.state not in (HostState.DISABLED, HostState.OFFLINE)
         rt.store.close(inc, Status.NO_ACTION, f"host is {host.state.name}", handled=not came_back)
         return "no_action"
     if not fenced:
-        reason = check_storm(flow, host)
+        reason = check_storm(flow, host, pool)
         if reason is not None:
             if inc.status is not Status.HELD:
                 rt.hooks.alert(flow, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
@@ -186,7 +197,19 @@ def _host_flow(flow: Flow) -> str:
             rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
             return "held"
     rt.store.set_status(inc.id, Status.RUNNING)
-    fence = fence_host(flow, host, policy)
+    # Read the VMs (and, for migrate, the datastores) while the fence command runs: reading changes nothing, and
+    # nothing below acts before the fence succeeded. Each VM task re-reads its VM again before acting.
+    vms_read: Future[list[VmView]] | None = None
+    if policy.host_action != "none":
+        vms_read = _READS.submit(rt.oned.vm_pool_set, host.vm_ids)
+        if policy.host_action == "migrate":
+            _READS.submit(rt.oned.shared_system_datastores)
+    try:
+        fence = fence_host(flow, host, policy)
+    except BaseException:
+        if vms_read is not None:
+            vms_read.cancel()
+        raise
     if not fence.ok:
         rt.store.set_status(inc.id, Status.FENCE_FAILED, fence.detail or fence.result)
         rt.store.unschedule(inc.id)  # an operator must act; `oneha incidents approve` retries
@@ -195,7 +218,7 @@ def _host_flow(flow: Flow) -> str:
     if policy.host_action == "none":
         rt.store.close(inc, Status.NO_ACTION, "host_action = none: fenced, VMs left to the operator")
         return "no_action"
-    vms = list_vms_to_recover(flow, host, policy)
+    vms = list_vms_to_recover(flow, host, policy, vms_read)
     if not vms:
         rt.store.close(inc, Status.RECOVERED, "no VM to recover on the host")
         return "recovered"

@@ -26,6 +26,7 @@ from workers.oned import OnedGateway
 log = logging.getLogger(__name__)
 
 Sender = Callable[[str, list[Any], str], None]  # task name, args, queue
+BulkSender = Callable[[str, list[list[Any]], str], None]  # task name, args of each task (in order), queue
 
 
 @dataclass
@@ -37,15 +38,24 @@ class Runtime:
     oned: OnedGateway
     hooks: Hooks
     send: Sender
+    send_many: BulkSender | None = None
 
     @classmethod
-    def build(cls, settings: Settings, send: Sender) -> Runtime:
+    def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
         client = redis.Redis.from_url(settings.redis.url, decode_responses=True, health_check_interval=30)
         keys = Keys(settings.redis.key_prefix)
         store = IncidentStore(client, keys, settings.audit.retention_s, settings.audit.max_incidents)
         hooks = Hooks()
         oned = OnedGateway.connect(settings.oned, settings.oned_session, client, keys, hooks)
-        return cls(settings, client, keys, store, oned, hooks, send)
+        return cls(settings, client, keys, store, oned, hooks, send, send_many)
+
+    def send_all(self, name: str, args_list: list[list[Any]], queue: str) -> None:
+        """Send one task per args, in order (one broker connection for all of them when the sender allows)."""
+        if self.send_many is not None:
+            self.send_many(name, args_list, queue)
+            return
+        for args in args_list:
+            self.send(name, args, queue)
 
     def lease(self, resource: Any, resource_id: int) -> Lease:
         return Lease(self.redis, self.keys, resource, resource_id, self.settings.worker.lock_ttl_s)
@@ -82,7 +92,12 @@ def get_runtime() -> Runtime:
             def send(name: str, args: list[Any], queue: str) -> None:
                 app.send_task(name, args=args, queue=queue)
 
-            _runtime = Runtime.build(load_settings(), send)
+            def send_many(name: str, args_list: list[list[Any]], queue: str) -> None:
+                with app.producer_or_acquire() as producer:
+                    for args in args_list:
+                        app.send_task(name, args=args, queue=queue, producer=producer)
+
+            _runtime = Runtime.build(load_settings(), send, send_many)
         return _runtime
 
 
