@@ -2,7 +2,8 @@
 
 Flows never touch a metric or write an audit entry themselves:
 - steps are wrapped with `@step("name")`: the wrapper writes `step` audit entries (name, result, duration) and
-  audits failures;
+  audits failures; in a VM task of a host incident (`flow.trail` set) the successful steps are collected and
+  written with the VM's one `vm` entry (its record and its steps), one Redis write per VM instead of one per step;
 - the oned gateway reports every call to `Hooks.oned_call` / `oned_retry` (it is its `CallObserver`);
 - the outcome helpers `Hooks.fence` and `Hooks.recovery` are called from the one place each outcome is decided;
 - Celery signals (`install`) count task retries and start the metrics endpoint in the worker.
@@ -13,6 +14,7 @@ Metric names are part of the interface (dashboards, alerts): keep them exactly.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -59,12 +61,24 @@ class Hooks:
         if result != "fenced" and result != "skipped":
             log.error("ALERT incident %s: fencing host %s %s", flow.incident.id, flow.incident.resource_id, result)
 
-    def recovery(self, flow: Flow, vm_id: int, action: str, result: str, record: dict[str, Any]) -> None:
+    def recovery(self, flow: Flow, vm_id: int, action: str, result: str, record: dict[str, Any],
+                 pipe: Any = None) -> None:
+        """Count a VM outcome and audit it (queued on `pipe`, a Redis pipeline, when given)."""
         RECOVERIES.labels(flow.incident.kind.value, action, result).inc()
         if result == "recovered":
             TIME_TO_RECOVER.labels(flow.incident.kind.value).observe(max(0.0, time.time() - flow.incident.opened_at))
-        flow.rt.store.audit(flow.incident.id, "vm", vm=vm_id, action=action, result=result,
-                            attempts=record.get("attempts"))
+        fields: dict[str, Any] = {"vm": vm_id, "action": action, "result": result, "attempts": record.get("attempts")}
+        if flow.trail is not None:
+            fields["record"] = record
+            fields["steps"] = flow.trail
+        if pipe is None:
+            flow.rt.store.audit(flow.incident.id, "vm", **fields)
+        else:
+            store = flow.rt.store
+            entry = json.dumps({"t": round(time.time(), 3), "event": "vm", **fields}, default=str, sort_keys=True)
+            key = store.keys.incident_log(flow.incident.id)
+            pipe.rpush(key, entry)
+            pipe.ltrim(key, -store.log_entries, -1)
         if result not in ("recovered", "skipped", "dry_run"):
             log.warning("incident %s: VM %s %s (%s)", flow.incident.id, vm_id, result, record.get("detail", ""))
 
@@ -88,8 +102,11 @@ def step(name: str) -> Callable[[F], F]:
                 flow.rt.store.audit(flow.incident.id, "step", step=name, error=_describe(exc),
                                     ms=round((time.monotonic() - started) * 1000), **extra)
                 raise
-            flow.rt.store.audit(flow.incident.id, "step", step=name, result=_summary(result),
-                                ms=round((time.monotonic() - started) * 1000), **extra)
+            ms = round((time.monotonic() - started) * 1000)
+            if flow.trail is not None:  # a VM task of a host incident: goes into its one `vm` entry
+                flow.trail.append([name, _summary(result), ms])
+            else:
+                flow.rt.store.audit(flow.incident.id, "step", step=name, result=_summary(result), ms=ms, **extra)
             return result
 
         return cast(F, wrapper)

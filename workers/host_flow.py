@@ -19,8 +19,10 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import redis
+
 from oneha.celeryconf import TASK_SOFT_TIME_LIMIT_S
-from oneha.incidents import Kind, Status
+from oneha.incidents import Incident, Kind, Status
 from oneha.keys import TASK_RECOVER_VM, VM_QUEUE
 from oneha.opennebula import ErrorKind, HostState, HostView, VmView
 from oneha.settings import ClusterPolicy
@@ -228,40 +230,59 @@ def _host_flow(flow: Flow) -> str:
 
 
 def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
-    inc = rt.store.get(incident_id)
+    # One round trip: the incident and whether this VM is still pending.
+    pending_key = rt.keys.incident_pending_vms(incident_id)
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.hgetall(rt.keys.incident(incident_id))
+    pipe.sismember(pending_key, str(vm_id))
+    raw, pending = pipe.execute()
+    inc = Incident.from_hash(raw) if raw else None
     if inc is None or not inc.status.is_open:
         return "closed"
-    pending_key = rt.keys.incident_pending_vms(incident_id)
-    if not rt.redis.sismember(pending_key, str(vm_id)):
+    if not pending:
         return "done"
     rt.extend(incident_id)
-    flow = Flow(rt, inc)
-    owner = claim_vm(flow, vm_id)
+    flow = Flow(rt, inc, trail=[])
+    lease = rt.lease("vm", vm_id)
+    owner = claim_vm(flow, vm_id, lease)  # the claim and the VM lease in one round trip
     if owner != incident_id:
+        if lease.token is not None:
+            lease.release()
         outcome_record = {"action": "none", "result": "skipped", "attempts": 0,
                           "detail": f"in recovery by incident {owner}"}
         _finish_vm(flow, vm_id, outcome_record)
         return "skipped"
-    lease = rt.lease("vm", vm_id)
-    if not lease.acquire():
+    if lease.token is None:
         return "busy"
-    with lease:
+    lease.start_renewal()
+    try:
         flow.lease = lease
         policy = rt.settings.policy.for_cluster(inc.cluster_id)
         budget = TASK_SOFT_TIME_LIMIT_S - 30
         outcome = recover_vm_of_host(flow, vm_id, inc.resource_id, policy, budget)
-        flow.check_lease()
+        flow.check_lease_local()
         record = outcome.record()
-        rt.hooks.recovery(flow, vm_id, outcome.action, outcome.result, record)
-        _finish_vm(flow, vm_id, record)
-    release_vm(flow, vm_id)
+        pipe = rt.redis.pipeline(transaction=False)
+        rt.hooks.recovery(flow, vm_id, outcome.action, outcome.result, record, pipe=pipe)
+        _finish_vm(flow, vm_id, record, pipe)
+    except BaseException:
+        lease.release()  # the claim stays until it expires: a retry of this incident takes it again
+        raise
+    pipe = rt.redis.pipeline(transaction=False)
+    lease.release(pipe)
+    release_vm(flow, vm_id, pipe)
+    pipe.execute()
     return outcome.result
 
 
-def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object]) -> None:
+def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object], pipe: redis.client.Pipeline | None = None
+               ) -> None:
+    """Record the VM and take it off the pending set (one round trip, with whatever `pipe` already holds)."""
     rt, inc = flow.rt, flow.incident
-    rt.store.record_vm(inc.id, vm_id, record)
-    last = rt.redis.eval(_FINISH_VM, 1, rt.keys.incident_pending_vms(inc.id), str(vm_id))
+    pipe = pipe if pipe is not None else rt.redis.pipeline(transaction=False)
+    pipe.hset(rt.keys.incident_vms(inc.id), str(vm_id), json.dumps(record, sort_keys=True))
+    pipe.eval(_FINISH_VM, 1, rt.keys.incident_pending_vms(inc.id), str(vm_id))
+    last = pipe.execute()[-1]
     if int(last) == 1:
         finish_incident(rt, inc.id)
     else:

@@ -1,9 +1,11 @@
 """A Redis lease lock with renewal and a fencing token (REFERENCE §6: locks are for efficiency, tokens for safety).
 
-`acquire` takes a new token (INCR `keys.fencing_token`) and sets the lock to it with SET NX PX. A background thread
-renews the lease while the holder works; `check()` (called right before every mutating oned call) verifies, in
-Redis, that the lock still holds *our* token and renews it at the same time; otherwise it raises `LeaseLost`, so a
-worker that was paused or partitioned past its lease stops instead of acting next to the new holder.
+`acquire` takes a new token (INCR `keys.fencing_token`) and sets the lock to it with SET NX PX (one Lua call). A
+background thread renews the lease while the holder works; `check()` (called right before every mutating oned call)
+verifies, in Redis, that the lock still holds *our* token and renews it at the same time; otherwise it raises
+`LeaseLost`, so a worker that was paused or partitioned past its lease stops instead of acting next to the new
+holder. `check_local()` is the free check for waits between actions: it trusts the last renewal Redis confirmed
+for at most one lease (measured from before that request was sent).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import redis
 
@@ -32,6 +35,13 @@ end
 return 0
 """
 
+# KEYS: lock, token counter. ARGV: ttl ms. A new token; the lock set to it if free. Returns {token, 1|0}.
+_ACQUIRE = """
+local token = redis.call('INCR', KEYS[2])
+if redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[1]) then return {token, 1} end
+return {token, 0}
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -47,22 +57,47 @@ class Lease:
         self.token_key = keys.fencing_token(resource, resource_id)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.token: str | None = None
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sent = 0.0
+        self._valid_until = 0.0  # monotonic: the lock is surely ours until then (last confirmed renewal + ttl)
 
-    def acquire(self) -> bool:
-        token = str(self.r.incr(self.token_key))
-        if self.r.set(self.key, token, nx=True, px=self.ttl_ms):
-            self.token = token
+    def acquire(self, pipe: redis.client.Pipeline | None = None) -> bool:
+        """Take a new fencing token and the lock with it (one round trip). With `pipe`, only queue the call and
+        let `acquired(reply)` read its result after the pipeline ran."""
+        sent = time.monotonic()
+        if pipe is not None:
+            self._acquire(keys=[self.key, self.token_key], args=[self.ttl_ms], client=pipe)
+            self._sent = sent
+            return True
+        return self.acquired(self._acquire(keys=[self.key, self.token_key], args=[self.ttl_ms]), sent)
+
+    def acquired(self, reply: list[object], sent: float | None = None) -> bool:
+        token, ok = reply
+        if int(ok):  # type: ignore[call-overload]
+            self.token = str(token)
+            self._valid_until = (sent if sent is not None else self._sent) + self.ttl_ms / 1000.0
             return True
         return False
 
     def check(self) -> None:
-        """Raise LeaseLost unless our token still holds the lock; renew it on the way."""
+        """Raise LeaseLost unless our token still holds the lock; renew it on the way (one round trip)."""
+        sent = time.monotonic()
         if self.token is None or not self._renew(keys=[self.key], args=[self.token, self.ttl_ms]):
+            self._valid_until = 0.0
             raise LeaseLost(f"{self.key}: lease lost (token {self.token})")
+        self._valid_until = sent + self.ttl_ms / 1000.0
+
+    def check_local(self, margin_s: float = 0.0) -> None:
+        """Raise LeaseLost unless a renewal confirmed in Redis less than a lease ago still covers now (+ margin).
+
+        No round trip: for waits and reads between actions. Before a mutating call use `check()`, which asks Redis.
+        """
+        if self.token is None or time.monotonic() + margin_s >= self._valid_until:
+            raise LeaseLost(f"{self.key}: lease not renewed within its ttl (token {self.token})")
 
     def held(self) -> bool:
         try:
@@ -86,14 +121,19 @@ class Lease:
             except redis.RedisError as exc:  # next round retries; check() before acting decides
                 log.warning("%s: renewal failed: %s", self.key, type(exc).__name__)
 
-    def release(self) -> None:
+    def release(self, pipe: redis.client.Pipeline | None = None) -> None:
+        """Stop renewing and free the lock (queued on `pipe` if given: the caller executes it)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
         if self.token is not None:
-            with contextlib.suppress(redis.RedisError):  # else the lease expires on its own
-                self._release(keys=[self.key], args=[self.token])
+            if pipe is not None:
+                self._release(keys=[self.key], args=[self.token], client=pipe)
+            else:
+                with contextlib.suppress(redis.RedisError):  # else the lease expires on its own
+                    self._release(keys=[self.key], args=[self.token])
         self.token = None
+        self._valid_until = 0.0
 
     def __enter__(self) -> Lease:
         self.start_renewal()

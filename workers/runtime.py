@@ -39,6 +39,8 @@ class Runtime:
     hooks: Hooks
     send: Sender
     send_many: BulkSender | None = None
+    _extended: dict[int, float] = field(default_factory=dict, repr=False)
+    _extend_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
@@ -60,9 +62,24 @@ class Runtime:
     def lease(self, resource: Any, resource_id: int) -> Lease:
         return Lease(self.redis, self.keys, resource, resource_id, self.settings.worker.lock_ttl_s)
 
-    def extend(self, incident_id: int, extra_s: float = 0.0) -> None:
-        """Push the incident's watchdog (its due time) a lease ahead: we are working on it."""
-        self.store.schedule(incident_id, time.time() + self.settings.worker.task_lease_s + extra_s)
+    def extend(self, incident_id: int, extra_s: float = 0.0, force: bool = False) -> None:
+        """Push the incident's watchdog (its due time) a lease ahead: we are working on it.
+
+        At most once per third of a lease per incident and process (50 VM tasks of one incident need not write it
+        50 times): when skipped, this process pushed it less than lease/3 ago, so it is still >= 2/3 of a lease
+        ahead. If someone else moved it meanwhile, the worst case is one early re-dispatch, which is idempotent.
+        """
+        lease = self.settings.worker.task_lease_s
+        now = time.monotonic()
+        if not force and extra_s <= 0:
+            with self._extend_lock:
+                last = self._extended.get(incident_id)
+                if last is not None and now - last < lease / 3:
+                    return
+                self._extended[incident_id] = now
+                if len(self._extended) > 10_000:
+                    self._extended.clear()
+        self.store.schedule(incident_id, time.time() + lease + extra_s)
 
 
 @dataclass
@@ -73,10 +90,17 @@ class Flow:
     incident: Incident
     lease: Lease | None = None
     started: float = field(default_factory=time.monotonic)
+    trail: list[list[Any]] | None = None  # steps collected for one audit entry (VM tasks of a host incident)
 
     def check_lease(self) -> None:
+        """Right before a mutating call: our token still holds the lock, asked in Redis."""
         if self.lease is not None:
             self.lease.check()
+
+    def check_lease_local(self) -> None:
+        """Between actions (waits, reads): the last renewal confirmed by Redis still covers now. No round trip."""
+        if self.lease is not None:
+            self.lease.check_local()
 
 
 _runtime: Runtime | None = None

@@ -12,10 +12,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import redis
+
 from oneha.opennebula import FAILURE_LCM_STATES, VM_IN_FLIGHT_LCM_STATES, LcmState, RecoverOp, VmState, VmView
 from oneha.settings import ClusterPolicy
 from oneha.waiting import WaitTimeout, wait_until
 from workers.hooks import step
+from workers.lock import Lease
 from workers.oned import OnedError
 from workers.runtime import Flow
 
@@ -100,16 +103,26 @@ def claim_ttl_s(flow: Flow) -> float:
 
 
 @step("claim_vm")
-def claim_vm(flow: Flow, vm_id: int) -> int:
-    """SET NX `vm_recovering`: returns the incident that owns the VM's recovery (ours, or another one)."""
+def claim_vm(flow: Flow, vm_id: int, lease: Lease | None = None) -> int:
+    """SET NX `vm_recovering`: returns the incident that owns the VM's recovery (ours, or another one).
+
+    With `lease`, the VM's lease is taken in the same round trip (a pipeline, not a transaction): the caller
+    holds it when `lease.token` is set, and must release it if the claim went to another incident.
+    """
     r = flow.rt.redis
-    holder = r.eval(_CLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id),
-                    int(claim_ttl_s(flow) * 1000))
+    args = (_CLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id), int(claim_ttl_s(flow) * 1000))
+    if lease is None:
+        return int(r.eval(*args))
+    pipe = r.pipeline(transaction=False)
+    pipe.eval(*args)
+    lease.acquire(pipe)
+    holder, taken = pipe.execute()
+    lease.acquired(taken)
     return int(holder)
 
 
-def release_vm(flow: Flow, vm_id: int) -> None:
-    flow.rt.redis.eval(_UNCLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id))
+def release_vm(flow: Flow, vm_id: int, pipe: redis.client.Pipeline | None = None) -> None:
+    (pipe or flow.rt.redis).eval(_UNCLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id))
 
 
 def read_vm(flow: Flow, vm_id: int) -> VmView | None:
@@ -179,15 +192,15 @@ def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float) -> VmView | 
     """Poll (batched reads) until `done(vm)` says True or False; None at the deadline. Keeps the lease alive."""
 
     def look() -> tuple[VmView | None, bool] | None:
-        flow.check_lease()
+        flow.check_lease_local()  # a read: the local lease check suffices; acting asks Redis (`_mutate`)
         vm = read_vm(flow, vm_id)
         if vm is None:
             return (None, True)
         verdict = done(vm) if callable(done) else None
         return (vm, True) if verdict is not None else None
 
-    try:
-        found = wait_until(look, timeout_s, interval_s=0.05, backoff=1.5, max_interval_s=0.5,
+    try:  # the first look is immediate (oned often shows the VM on its way at once: CLEANUP_RESUBMIT)
+        found = wait_until(look, timeout_s, interval_s=0.03, backoff=1.5, max_interval_s=0.5,
                            what=f"VM {vm_id} to settle")
     except WaitTimeout:
         return None
@@ -239,8 +252,10 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
     acted_at: float | None = None
     migrate_failed = False
     detail = ""
+    seen: VmView | None = None  # the confirm step's read, if it already says the VM left
     while True:
-        vm = read_vm(flow, vm_id)
+        vm = seen if seen is not None else read_vm(flow, vm_id)
+        seen = None
         if vm is None:
             return VmOutcome(action, "gone", attempts, "VM no longer exists", started, acted_at, time.time())
         if has_left_host(vm, host_id, action if action == "delete" else None):
@@ -255,7 +270,8 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
         if in_transition(vm):
             outcome = "waiting"
         else:
-            action, why = choose_action(vm, policy, flow.rt.oned.shared_system_datastores(), migrate_failed)
+            shared = flow.rt.oned.shared_system_datastores() if policy.host_action == "migrate" else frozenset()
+            action, why = choose_action(vm, policy, shared, migrate_failed)
             if action == "none":
                 return VmOutcome(action, "left_on_host", attempts, why, started, None, None, vm.state_name)
             if action == "report":
@@ -272,7 +288,9 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
                 continue  # re-read and decide again
             acted_at = time.time()
         remaining = max(0.1, min(w.confirm_timeout_s, deadline - time.monotonic()))
-        seen = confirm_vm_left_host(flow, vm_id, host_id, action, remaining)
-        if seen is not None and seen.state == VmState.ACTIVE and seen.lcm_state in FAILURE_LCM_STATES:
-            detail = f"{detail}; ended in {seen.state_name}"
-        # loop: the re-read at the top decides whether it is done
+        settled = confirm_vm_left_host(flow, vm_id, host_id, action, remaining)
+        if settled is not None and settled.state == VmState.ACTIVE and settled.lcm_state in FAILURE_LCM_STATES:
+            detail = f"{detail}; ended in {settled.state_name}"
+        elif settled is not None and has_left_host(settled, host_id, action if action == "delete" else None):
+            seen = settled  # a read made after the action that shows it done: no need to read it again
+        # loop: the (re-)read at the top decides whether it is done; anything that acts again reads afresh
