@@ -80,6 +80,41 @@ def test_semaphore_bounds_concurrency_across_threads(redis_client: redis.Redis) 
     assert peak[0] == 3
 
 
+def test_semaphore_kept_slots_count_toward_the_cap_and_are_handed_back(redis_client: redis.Redis) -> None:
+    sem = OnedSemaphore(redis_client, Keys().oned_semaphore, cap=3, ttl_s=10, reuse_s=1.0, idle_s=0.05)
+    other = OnedSemaphore(redis_client, Keys().oned_semaphore, cap=3, ttl_s=10)  # another process
+    first = sem.acquire(1)
+    sem.release(first)
+    assert sem.acquire(1) == first  # reused: no round trip
+    assert sem.holders() == 1
+    held = [other.try_acquire("x"), other.try_acquire("y"), other.try_acquire("z")]
+    assert held == [True, True, False]  # the kept slot still counts
+    sem.release(first)
+    wait_until(lambda: sem.holders() == 2, 2, what="the idle slot handed back")
+    assert other.try_acquire("z")
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> None:
+        for _ in range(5):
+            holder = sem.acquire(10)
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.01)
+            with lock:
+                inside[0] -= 1
+            sem.release(holder)
+
+    redis_client.delete(Keys().oned_semaphore)
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 3
+    wait_until(lambda: sem.holders() == 0, 2, what="all kept slots handed back")
+
+
 def gateway(url: str, redis_client: redis.Redis, **oned: object) -> OnedGateway:
     settings = OnedSettings(endpoint=url, **oned)  # type: ignore[arg-type]
     server = make_server(url, "oneadmin:opennebula", settings.connect_timeout_s, settings.read_timeout_s)

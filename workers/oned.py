@@ -72,26 +72,45 @@ return 0
 
 
 class OnedSemaphore:
-    """A global cap on concurrent oned calls: holders in a sorted set scored by their expiry (ms, Redis time)."""
+    """A global cap on concurrent oned calls: holders in a sorted set scored by their expiry (ms, Redis time).
 
-    def __init__(self, client: redis.Redis, key: str, cap: int, ttl_s: float) -> None:
+    With `reuse_s` > 0 a process keeps a slot it has just released for its next call instead of handing it back
+    at once (a busy process then pays no Redis round trip per call, instead of two). Safe for the cap: a kept slot
+    stays in the sorted set, so it still counts; it is reused only within `reuse_s` of when it was taken (the
+    caller picks `reuse_s` so that a call started then still ends before the slot's expiry); and a slot idle for
+    `idle_s` is handed back by a reaper thread, so other processes get it. A dead process's slots expire as before.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, cap: int, ttl_s: float, reuse_s: float = 0.0,
+                 idle_s: float = 0.02) -> None:
         self.r = client
         self.key = key
         self.cap = cap
         self.ttl_ms = int(ttl_s * 1000)
+        self.reuse_s = reuse_s
+        self.idle_s = idle_s
         self._acquire = client.register_script(_ACQUIRE)
         # In front of the Redis semaphore: threads of one process never contend for more slots than exist, so
         # they wait on a local condition instead of polling Redis.
         self._local = threading.BoundedSemaphore(cap)
+        self._taken_at: dict[str, float] = {}  # holder -> monotonic time before it was taken (kept slots only)
+        self._idle: list[tuple[str, float]] = []  # kept slots: (holder, released at), most recent last
+        self._stale: list[str] = []  # kept slots too old to reuse, to hand back
+        self._cond = threading.Condition()
+        self._reaper: threading.Thread | None = None
 
     def try_acquire(self, holder: str) -> bool:
         return bool(self._acquire(keys=[self.key], args=[holder, self.cap, self.ttl_ms]))
 
     def acquire(self, timeout_s: float) -> str:
-        holder = uuid.uuid4().hex
         if not self._local.acquire(timeout=timeout_s):
             raise OnedError("semaphore", ErrorKind.TRANSIENT, "no oned call slot free")
         try:
+            kept = self._take_kept()
+            if kept is not None:
+                return kept
+            holder = uuid.uuid4().hex
+            taken = time.monotonic()
             wait_until(lambda: self.try_acquire(holder), timeout_s, interval_s=0.002, backoff=1.3,
                        max_interval_s=0.02, what="an oned call slot")
         except BaseException as exc:
@@ -99,13 +118,72 @@ class OnedSemaphore:
             if isinstance(exc, WaitTimeout):
                 raise OnedError("semaphore", ErrorKind.TRANSIENT, "no oned call slot free") from exc
             raise
+        if self.reuse_s > 0:
+            with self._cond:
+                self._taken_at[holder] = taken
         return holder
+
+    def _take_kept(self) -> str | None:
+        if self.reuse_s <= 0:
+            return None
+        now = time.monotonic()
+        with self._cond:
+            while self._idle:
+                holder, _ = self._idle.pop()
+                if now - self._taken_at.get(holder, 0.0) < self.reuse_s:
+                    return holder
+                self._stale.append(holder)  # too old to trust its expiry: the reaper hands it back
+                self._cond.notify()
+        return None
 
     def release(self, holder: str) -> None:
         try:
-            self.r.zrem(self.key, holder)
+            if self.reuse_s > 0 and holder in self._taken_at:
+                with self._cond:
+                    self._idle.append((holder, time.monotonic()))
+                    self._ensure_reaper()
+                    self._cond.notify()
+            else:
+                self.r.zrem(self.key, holder)
         finally:
             self._local.release()
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or not self._reaper.is_alive():
+            self._reaper = threading.Thread(target=self._reap, name="oneha-oned-slots", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Hand back slots idle for `idle_s` (and those too old to reuse), one ZREM for all of them."""
+        while True:
+            with self._cond:
+                while not self._idle and not self._stale:
+                    self._cond.wait()
+                now = time.monotonic()
+                old = [h for h, at in self._idle if now - at >= self.idle_s]
+                self._idle = [(h, at) for h, at in self._idle if now - at < self.idle_s]
+                old += self._stale
+                self._stale = []
+                for h in old:
+                    self._taken_at.pop(h, None)
+                wait = min((self.idle_s - (now - at) for _, at in self._idle), default=None)
+            if old:
+                try:
+                    self.r.zrem(self.key, *old)
+                except redis.RedisError as exc:  # they expire on their own
+                    log.warning("oned slots: hand-back failed: %s", type(exc).__name__)
+            if wait is not None and not old:
+                time.sleep(max(0.001, wait))  # reaper period, not synchronisation
+
+    def flush(self) -> None:
+        """Hand back every kept slot now."""
+        with self._cond:
+            old = [h for h, _ in self._idle] + self._stale
+            self._idle, self._stale = [], []
+            for h in old:
+                self._taken_at.pop(h, None)
+        if old:
+            self.r.zrem(self.key, *old)
 
     def holders(self) -> int:
         return int(self.r.zcard(self.key))
@@ -132,7 +210,9 @@ class OnedGateway:
         server = make_server(settings.endpoint, session, settings.connect_timeout_s, settings.read_timeout_s,
                              settings.https_verify)
         ttl = settings.connect_timeout_s + settings.read_timeout_s + 5.0
-        sem = OnedSemaphore(client, keys.oned_semaphore, settings.max_concurrent_calls, ttl)
+        # A kept slot is reused only within 2 s of being taken: a call started then (at most connect + read
+        # timeout long) still ends 3 s before the slot expires.
+        sem = OnedSemaphore(client, keys.oned_semaphore, settings.max_concurrent_calls, ttl, reuse_s=2.0)
         return cls(OnedClient(server), sem, settings, session, observer)
 
     # The one place every call passes ---------------------------------------------------------------------------
