@@ -1,0 +1,57 @@
+"""The subscriber's batched hot path: IncidentStore.report_many (one Lua call per chunk, audit written in Redis)
+behaves exactly like report() one by one, and Intake.handle_many logs every incident it opens, bursts included."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from oneha import incidents
+from oneha.incidents import IncidentStore, Kind, Report, ReportRequest
+
+
+def stores(url: str) -> tuple[IncidentStore, IncidentStore]:
+    return (IncidentStore(redis.Redis.from_url(url, decode_responses=True)),
+            IncidentStore(redis.Redis.from_url(url), incidents.Keys("other")))
+
+
+def test_report_many_matches_report_one_by_one(redis_url: str) -> None:
+    one, many = stores(redis_url)  # same Redis, two key prefixes: the two paths must leave the same state
+    plan = [ReportRequest(Kind.VM_CRASH, 1, 0, 0.0, "zmq", "3"),
+            ReportRequest(Kind.VM_CRASH, 1, 0, 0.0, "bridge", "3"),  # same failure, same batch: duplicate
+            ReportRequest(Kind.HOST, 7, 2, 30.0, "reconcile"),
+            ReportRequest(Kind.VM_FAILURE, 2, 1, 5.0, "zmq", "0")]
+    expect = [one.report(q.kind, q.resource_id, q.cluster_id, q.grace_s, q.source, q.token) for q in plan]
+    got = many.report_many(plan)
+    assert [(r.opened, r.reason) for r in got] == [(r.opened, r.reason) for r in expect]
+    assert got[1].incident_id == got[0].incident_id
+    for a, b in zip(expect, got, strict=True):
+        x, y = one.get(a.incident_id), many.get(b.incident_id)
+        assert x is not None and y is not None
+        assert (x.kind, x.resource_id, x.cluster_id, x.status, x.source, x.reports, x.extra) == (
+            y.kind, y.resource_id, y.cluster_id, y.status, y.source, y.reports, y.extra)
+        assert y.due_at - y.opened_at == pytest.approx(x.due_at - x.opened_at)
+        assert [(e["event"], e["source"], e["grace_s"]) for e in many.log(b.incident_id)] == \
+               [(e["event"], e["source"], e["grace_s"]) for e in one.log(a.incident_id)]
+
+
+def test_report_many_respects_handled_markers_and_tokens(redis_url: str) -> None:
+    s, _ = stores(redis_url)
+    first = s.report_many([ReportRequest(Kind.VM_CRASH, 5, 0, 0.0, "zmq", "1")])[0]
+    inc = s.get(first.incident_id)
+    assert inc is not None
+    s.close(inc, incidents.Status.RECOVERED, handled_token="1")
+    again, redeployed = s.report_many([ReportRequest(Kind.VM_CRASH, 5, 0, 0.0, "zmq", "1"),
+                                       ReportRequest(Kind.VM_CRASH, 5, 0, 0.0, "zmq", "2")])
+    assert again == Report(first.incident_id, False, "handled")
+    assert redeployed.opened and redeployed.incident_id != first.incident_id
+
+
+def test_report_many_chunks_large_bursts(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(incidents, "REPORT_CHUNK", 7)
+    s, _ = stores(redis_url)
+    plan = [ReportRequest(Kind.VM_CRASH, i % 20, 0, 0.0, "zmq", "0") for i in range(50)]
+    got = s.report_many(plan)
+    assert sum(r.opened for r in got) == 20 and len({r.incident_id for r in got}) == 20
+    assert all(s.log(r.incident_id)[0]["event"] == "opened" for r in got)
+    assert s.report_many([]) == []
