@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,6 +28,12 @@ from subscriber import metrics
 from subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.intake")
+
+# Every incident opened is logged. A flush that opens more than LOG_EACH (a host failure taking its VMs down, the
+# first pass of the reconciler) logs them LOG_CHUNK to a line, with the same fields per incident: one JSON line per
+# incident cost ~15 us each, a third of the cost of opening one, right in the burst where latency matters most.
+LOG_EACH = 5
+LOG_CHUNK = 100
 
 
 class Outcome(StrEnum):
@@ -89,8 +96,12 @@ class Intake:
         """
         results: list[Result | None] = [None] * len(batch)
         queued: list[tuple[int, ReportRequest, float]] = []
+        received: Counter[tuple[str, str]] = Counter()
+        for event, source, _ in batch:
+            received[(source, event_kind(event))] += 1
+        for (source, kind), n in received.items():
+            metrics.EVENTS_RECEIVED.labels(source, kind).inc(n)
         for i, (event, source, received_at) in enumerate(batch):
-            metrics.EVENTS_RECEIVED.labels(source, event_kind(event)).inc()
             planned = self._plan(event, source)
             if isinstance(planned, ReportRequest):
                 queued.append((i, planned, received_at))
@@ -151,19 +162,41 @@ class Intake:
             return
         reports = self.store.report_many([q for _, q, _ in queued])
         done = time.time()
-        wake = False
+        opened: list[tuple[int, ReportRequest]] = []
+        duplicates: Counter[str] = Counter()
+        observe = metrics.ENQUEUE_LATENCY.observe
         for (i, q, received_at), rep in zip(queued, reports, strict=True):
-            metrics.ENQUEUE_LATENCY.observe(max(0.0, done - received_at))
-            if not rep.opened:
-                metrics.DUPLICATES.labels(q.source).inc()
+            observe(max(0.0, done - received_at))
+            if rep.opened:
+                opened.append((rep.incident_id, q))
+                results[i] = Result(Outcome.OPENED, rep.incident_id)
+            else:
+                duplicates[q.source] += 1
                 results[i] = Result(Outcome.DUPLICATE, rep.incident_id)
-                continue
-            metrics.INCIDENTS_OPENED.labels(q.kind.value).inc()
-            log.info("incident opened", extra=kv(incident=rep.incident_id, kind=q.kind.value,
-                                                 resource=q.resource_id, cluster=q.cluster_id, grace_s=q.grace_s,
-                                                 source=q.source))
-            wake = wake or q.grace_s <= 0
-            results[i] = Result(Outcome.OPENED, rep.incident_id)
         queued.clear()
-        if wake and self.on_opened is not None:
+        for source, n in duplicates.items():
+            metrics.DUPLICATES.labels(source).inc(n)
+        if not opened:
+            return
+        for kind, n in Counter(q.kind.value for _, q in opened).items():
+            metrics.INCIDENTS_OPENED.labels(kind).inc(n)
+        _log_opened(opened)
+        if self.on_opened is not None and any(q.grace_s <= 0 for _, q in opened):
             self.on_opened.set()
+
+
+def _fields(incident_id: int, q: ReportRequest) -> dict[str, object]:
+    return {"incident": incident_id, "kind": q.kind.value, "resource": q.resource_id, "cluster": q.cluster_id,
+            "grace_s": q.grace_s, "source": q.source}
+
+
+def _log_opened(opened: list[tuple[int, ReportRequest]]) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    if len(opened) <= LOG_EACH:
+        for incident_id, q in opened:
+            log.info("incident opened", extra={"kv": _fields(incident_id, q)})
+        return
+    for start in range(0, len(opened), LOG_CHUNK):
+        chunk = opened[start:start + LOG_CHUNK]
+        log.info("incidents opened", extra=kv(count=len(chunk), incidents=[_fields(i, q) for i, q in chunk]))

@@ -3,11 +3,17 @@ behaves exactly like report() one by one, and Intake.handle_many logs every inci
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import redis
 
 from oneha import incidents
 from oneha.incidents import IncidentStore, Kind, Report, ReportRequest
+from oneha.opennebula import LcmState, VmEvent, VmState, VmView
+from oneha.settings import Policy
+from subscriber import intake as intake_mod
+from subscriber.intake import Intake, Outcome
 
 
 def stores(url: str) -> tuple[IncidentStore, IncidentStore]:
@@ -55,3 +61,30 @@ def test_report_many_chunks_large_bursts(redis_url: str, monkeypatch: pytest.Mon
     assert sum(r.opened for r in got) == 20 and len({r.incident_id for r in got}) == 20
     assert all(s.log(r.incident_id)[0]["event"] == "opened" for r in got)
     assert s.report_many([]) == []
+
+
+def vm_event(vid: int) -> VmEvent:
+    vm = VmView(vid, f"vm{vid}", VmState.ACTIVE, LcmState.UNKNOWN, 1, "h1", 0, cluster_id=0, history_seq=0)
+    return VmEvent(vid, VmState.ACTIVE, LcmState.UNKNOWN, vm)
+
+
+def test_every_opened_incident_is_logged_even_in_a_burst(redis_url: str, caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(intake_mod, "LOG_CHUNK", 10)
+    s, _ = stores(redis_url)
+    intake = Intake(s, Policy())
+    caplog.set_level(logging.INFO, logger="oneha.subscriber.intake")
+    few = intake.handle_many([(vm_event(i), "zmq", 0.0) for i in range(3)])
+    burst = intake.handle_many([(vm_event(i), "zmq", 0.0) for i in range(3, 28)] + [(vm_event(0), "zmq", 0.0)])
+    assert [r.outcome for r in few] == [Outcome.OPENED] * 3
+    assert [r.outcome for r in burst] == [Outcome.OPENED] * 25 + [Outcome.DUPLICATE]
+    logged: list[int] = []
+    for rec in caplog.records:
+        fields = getattr(rec, "kv", {})
+        if rec.getMessage() == "incident opened":
+            logged.append(fields["incident"])
+        elif rec.getMessage() == "incidents opened":
+            assert fields["count"] == len(fields["incidents"]) <= 10
+            assert {"kind", "resource", "cluster", "grace_s", "source"} <= set(fields["incidents"][0])
+            logged.extend(f["incident"] for f in fields["incidents"])
+    assert sorted(logged) == sorted(r.incident_id for r in few + burst[:25])
