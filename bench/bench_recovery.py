@@ -1,6 +1,9 @@
 """Recovery bench: oneha's workers vs a host_error.rb-like baseline, side by side on the same lab setup.
 
-    .venv/bin/python -m bench.bench_recovery [--quick]
+    .venv/bin/python -m bench.bench_recovery [--quick] [--timeline]
+
+Environment: ONEHA_BENCH_CAP (the pool-wide oned cap, default 16; the baseline runs up to 15 calls at once, the
+hook manager's concurrency), ONEHA_BENCH_WORKER_LOG (keep the workers' log at this path).
 
 Scenarios: 1 failed host x 50 VMs, and 20 failed hosts x 50 VMs, with 20 ms oned latency (lab.faults). The clock
 starts when the lab shows every failed host in ERROR ("confirmed failure"; grace 0 for both). Measured:
