@@ -39,8 +39,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT_S,
         "task_time_limit": TASK_TIME_LIMIT_S,
-        "worker_send_task_events": True,  # Flower shows tasks
-        "task_send_sent_event": True,
+        # Flower shows tasks from the workers' received/started/succeeded events. The producer's extra "task-sent"
+        # event is left off: it costs ~0.3 ms per send, on the critical path of a host flow sending 50 VM tasks.
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
     }
 

@@ -58,7 +58,10 @@ def test_host_failure_recreate_priority_opt_out_and_off_vms(tmp_path: Path, redi
         vms = populate(url, 1)
         opted_out = call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING", "HA": "NO", "HA_PRIORITY": 9})
         suspended = call(url, "lab.vm.create", {"HOST": 1, "STATE": "SUSPENDED"})
-        with worker_stack(tmp_path, redis_url, url, policy={"host_action": "recreate"}) as stack:
+        # Priority is the dispatch order on a FIFO queue: with fewer slots than VMs (4 threads, 20 VMs), the
+        # low-priority tasks only start once higher ones are done. (With more slots than VMs, all act at once.)
+        with worker_stack(tmp_path, redis_url, url, workers=1, concurrency=4,
+                          policy={"host_action": "recreate"}) as stack:
             kill_and_wait_error(url, 1)
             inc = stack.report_host(1)
             closed = stack.wait_closed(inc)

@@ -6,7 +6,6 @@ One `Runtime` per worker process, built lazily on the first task (`get_runtime`)
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import redis
 
+from oneha import heartbeat
 from oneha.incidents import Incident, IncidentStore
 from oneha.keys import Keys
 from oneha.settings import Settings, load_settings
@@ -135,10 +135,6 @@ def start_metrics_and_heartbeat(hostname: str) -> None:
         server, _ = start_http_server(port, addr=rt.settings.worker.metrics_bind)
         log.info("worker metrics on http://%s:%d/metrics", rt.settings.worker.metrics_bind, server.server_port)
 
-    def beat() -> None:
-        while True:
-            with contextlib.suppress(redis.RedisError):
-                rt.redis.hset(rt.keys.heartbeat, f"worker:{hostname}", time.time())
-            time.sleep(5)  # heartbeat period, not synchronisation
-
-    threading.Thread(target=beat, name="oneha-heartbeat", daemon=True).start()
+    # The worker runs until its process ends: the stop event is never set, the hash entry simply ages out.
+    threading.Thread(target=heartbeat.run, args=(rt.redis, rt.keys, f"worker:{hostname}", threading.Event()),
+                     name="oneha-heartbeat", daemon=True).start()
