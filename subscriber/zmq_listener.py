@@ -134,8 +134,8 @@ class ZmqListener:
             except zmq.Again:
                 break
             received_at = time.time()
-            self.received += 1
             event = decode_frames(frames, self.max_event_bytes)
+            self.received += 1  # after decoding: a message counted as received is also counted as rejected or not
             if event is not None:
                 batch.append((event, "zmq", received_at))
         if self.received:

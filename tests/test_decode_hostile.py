@@ -78,7 +78,9 @@ def test_running_listener_survives_hostile_traffic_with_bounded_memory(redis_url
                     pub.send_multipart(frames)
             pub.send_multipart(HOSTILE["too_large"])
 
+        warm = svc.listener.received + 20 * len(small) + 1
         blast(20)  # warm-up: metric children, caches
+        wait_until(lambda: svc.listener.received >= warm, 30, what="warm-up received")  # else it counts in `target`
         gc.collect()
         tracemalloc.start()
         base, _ = tracemalloc.get_traced_memory()
