@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,8 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from oneha.settings import ClusterPolicy, ConfigError, Settings, load_settings
+from oneha.clikit import config_option, settings_or_exit
+from oneha.settings import ClusterPolicy, Settings
 
 SECTIONS: dict[str, type[BaseModel]] = {
     name: field.annotation
@@ -26,15 +26,10 @@ def config() -> None:
 
 
 @config.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="ONEHA_CONFIG",
-              help="TOML configuration file (default: $ONEHA_CONFIG).")
-def check(config_file: str | None) -> None:
+@config_option
+def check(config: Path | None) -> None:
     """Validate the configuration and print the effective settings (secrets hidden)."""
-    try:
-        settings = load_settings(config_file)
-    except ConfigError as exc:
-        click.echo(f"oneha: {exc}", err=True)
-        sys.exit(2)
+    settings = settings_or_exit(config)
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
 
 

@@ -30,16 +30,11 @@ from oneha.keys import HOST_QUEUE, VM_QUEUE
 def worker(config_file: Path | None, concurrency: int | None, queues: str, pool: str, loglevel: str,
            hostname: str | None) -> None:
     """Start a recovery worker (Celery) on the configured broker."""
-    from oneha.settings import ConfigError, load_settings
+    from oneha.clikit import settings_or_exit
 
-    if config_file is not None:
+    if config_file is not None:  # the Celery app loads its settings from the environment
         os.environ["ONEHA_CONFIG"] = str(config_file.resolve())
-    try:
-        settings = load_settings()
-        settings.oned_session  # noqa: B018 - fail now, not on the first incident
-    except ConfigError as exc:
-        click.echo(f"oneha worker: {exc}", err=True)
-        sys.exit(2)
+    settings = settings_or_exit(None, need_oned=True)
     if concurrency is None:
         concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
     from workers.app import app
