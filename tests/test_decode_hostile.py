@@ -6,9 +6,11 @@ import base64
 import gc
 import tracemalloc
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oneha.opennebula import EventError, safe_parse_xml
 from oneha.waiting import wait_until
 from subscriber.zmq_listener import decode_frames
 from tests.test_subscriber_kit import host_message, incidents, metric, publisher, running, sync, vm_message
@@ -78,15 +80,18 @@ def test_running_listener_survives_hostile_traffic_with_bounded_memory(redis_url
                     pub.send_multipart(frames)
             pub.send_multipart(HOSTILE["too_large"])
 
-        warm = svc.listener.received + 20 * len(small) + 1
+        def rejected() -> float:
+            return sum(metric("oneha_events_rejected_total", reason=r) for r in HOSTILE) - rejected_before
+
+        # Waits count rejections, not messages received: sync() may leave a stray probe in flight, which would
+        # make a received count reach its target one hostile message early.
         blast(20)  # warm-up: metric children, caches
-        wait_until(lambda: svc.listener.received >= warm, 30, what="warm-up received")  # else it counts in `target`
+        wait_until(lambda: rejected() >= 20 * len(small) + 1, 30, what="warm-up rejected")
         gc.collect()
         tracemalloc.start()
         base, _ = tracemalloc.get_traced_memory()
-        target = svc.listener.received + rounds * len(small) + 1
         blast(rounds)
-        wait_until(lambda: svc.listener.received >= target, 30, what="hostile messages received")
+        wait_until(lambda: rejected() >= (rounds + 20) * len(small) + 2, 30, what="hostile messages rejected")
         gc.collect()
         grown, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -99,3 +104,27 @@ def test_running_listener_survives_hostile_traffic_with_bounded_memory(redis_url
         # Still alive and working.
         pub.send_multipart(list(vm_message(77, "BOOT_FAILURE", 36)))
         wait_until(lambda: incidents(redis_url), 5, what="incident after the storm")
+
+
+def test_screen_refuses_every_dtd_form_the_parser_would_read() -> None:
+    """safe_parse_xml screens with expat (DTD, entity and external-reference handlers refusing) before the C
+    ElementTree parser runs: whatever the spelling or encoding, a DTD never reaches the parser."""
+    body = b"<HOOK_MESSAGE><HOOK_TYPE>&x;</HOOK_TYPE></HOOK_MESSAGE>"
+    hostile = [
+        XXE, LAUGHS,
+        b'<!DOCTYPE r SYSTEM "http://127.0.0.1:1/evil.dtd">' + body,  # external DTD
+        b'<!DOCTYPE r [<!ENTITY % p SYSTEM "file:///etc/passwd"> %p;]>' + body,  # parameter entity
+        b"<?xml version='1.0'?><!-- hi --><!DOCTYPE r [<!ENTITY x 'y'>]>" + body,  # after a comment
+        '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE r [<!ENTITY x "y">]>'.encode("utf-16") + body.decode()
+        .encode("utf-16")[2:],  # another encoding: no byte search would see it
+    ]
+    for doc in hostile:
+        with pytest.raises(EventError) as err:
+            safe_parse_xml(doc)
+        assert err.value.reason == "hostile_xml", doc[:60]
+    for doc in (body, b"<a><b>", b"<x:a/>"):  # undefined entity, unclosed, unbound prefix
+        with pytest.raises(EventError) as err:
+            safe_parse_xml(doc)
+        assert err.value.reason == "bad_xml", doc
+    ok = safe_parse_xml('<HOOK_MESSAGE><NAME>é &amp; &#65;</NAME></HOOK_MESSAGE>'.encode("utf-16"))
+    assert ok.findtext("NAME") == "é & A"
