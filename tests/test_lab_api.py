@@ -105,6 +105,9 @@ def test_actions_and_state_rules(one: Any, lab: LabCloud) -> None:
     # unresched first: after resched the scheduler may move the VM (PROLOG_MIGRATE_POWEROFF) before a second call
     assert one.vm.action("unresched", vid) == vid
     assert one.vm.action("resched", vid) == vid  # allowed from POWEROFF
+    # the scheduler moves it (PROLOG_MIGRATE_POWEROFF, where terminate is refused) and clears RESCHED when done
+    wait_until(lambda: (vm := one.vm.info(vid)) and int(vm.STATE) == VmState.POWEROFF and int(vm.RESCHED) == 0,
+               5, what="migrated while powered off")
     one.vm.action("terminate-hard", vid)
     wait_until(lambda: int(one.vm.info(vid).STATE) == VmState.DONE, 5, what="done")
     with pytest.raises(pyone.OneActionException):
