@@ -41,6 +41,7 @@ def test_dry_run_decides_and_records_but_changes_nothing(tmp_path: Path, redis_u
             records = stack.store.vm_records(incident.id)
         assert sorted(records) == sorted(vms)
         assert {r["result"] for r in records.values()} == {"dry_run"}
+        assert incident.status.value == "no_action" and "dry run" in incident.detail
         assert set(vm_states(lab.rpc_url, vms).values()) == {"ACTIVE/UNKNOWN"}  # nothing was touched
         assert call(lab.rpc_url, "lab.stats")["calls"].get("one.vm.recover", 0) == 0
 

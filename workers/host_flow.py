@@ -155,6 +155,9 @@ def finish_incident(rt: Runtime, incident_id: int) -> Status | None:
         status = Status.PARTIAL
         detail = f"{len(records) - len(bad)}/{len(records)} VMs recovered; not: " + ", ".join(
             f"{v}:{r}" for v, r in sorted(bad.items())[:20])
+    elif records and all(r.get("result") == "dry_run" for r in records.values()):
+        status = Status.NO_ACTION  # a drill: nothing was changed, and the record must not say otherwise
+        detail = f"dry run: {len(records)} VMs would have been recovered; nothing changed in oned"
     else:
         status = Status.RECOVERED
         detail = f"{len(records)} VMs recovered"
