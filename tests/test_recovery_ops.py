@@ -4,6 +4,7 @@ worker's metrics endpoint reports what was done. Lab cloud, real Redis, `oneha w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -48,23 +49,31 @@ def test_dry_run_decides_and_records_but_changes_nothing(tmp_path: Path, redis_u
 
 def test_a_hanging_oned_times_out_and_the_incident_completes_when_it_answers(tmp_path: Path,
                                                                              redis_url: str) -> None:
-    with running_lab(hosts=3, **LAB) as lab:
-        vms = [call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(3)]
-        call(lab.rpc_url, "lab.host.kill", 0)
-        wait_until(lambda: host_in_error(lab.rpc_url, 0), 10, what="host 0 in ERROR")
+    secret = "Pa55-never-logged"
+    with running_lab(hosts=3, session=f"oneadmin:{secret}", **LAB) as lab:
+        def lab_rpc(method: str, *args: object) -> Any:
+            return call(lab.rpc_url, method, *args, session=lab.session)
+        vms = [lab_rpc("lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(3)]
+        lab_rpc("lab.host.kill", 0)
+        wait_until(lambda: "<STATE>3</STATE>" in lab_rpc("one.host.info", 0), 10, what="host 0 in ERROR")
         oned = {"read_timeout_s": 0.5, "call_attempts": 2}
-        with worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1, oned=oned,
+        with worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1, oned=oned, session=lab.session,
+                          env={"ONEHA_LAB_SESSION": lab.session},  # for the lab's fence command
                           policy={"host_action": "recreate"}) as stack:
-            call(lab.rpc_url, "lab.faults", {"hang": True})
+            lab_rpc("lab.faults", {"hang": True})
             try:
                 incident_id = stack.report_host(0)
                 wait_until(lambda: "timed out" in stack.workers.logs().lower() or
                            "timeout" in stack.workers.logs().lower(), 30, what="an oned call to time out")
                 assert stack.store.get(incident_id).status.is_open  # type: ignore[union-attr]
             finally:
-                call(lab.rpc_url, "lab.faults", {"hang": False})
+                lab_rpc("lab.faults", {"hang": False})
             incident = stack.wait_closed(incident_id, timeout_s=90)
+            logs = stack.workers.logs()
         assert incident.status.value == "recovered", incident
+        # timeouts and retries were logged, the credentials never (nor in the audit trail)
+        assert "timeout" in logs.lower() and secret not in logs
+        assert secret not in str(stack.store.log(incident.id))
         assert sorted(stack.store.vm_records(incident.id)) == sorted(vms)
 
 
