@@ -71,7 +71,18 @@ def list_cmd(config: Path | None, show_all: bool = False, as_json: bool = False,
     for inc in found:
         table.add_row(str(inc.id), inc.kind.value, str(inc.resource_id), str(inc.cluster_id), inc.status.value,
                       str(inc.reports), inc.source, _when(inc.opened_at), _when(inc.due_at), inc.detail[:60])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(_alive(store), highlight=False)
+
+
+def _alive(store: IncidentStore) -> str:
+    """Who is up, from the heartbeats: a silent subscriber or an empty worker pool is worth seeing here."""
+    from oneha import heartbeat
+
+    kinds = [name.split(":", 1)[0] for name in heartbeat.alive(store.r, store.keys)]
+    return (f"alive (heartbeat within {3 * heartbeat.INTERVAL_S:.0f}s): {kinds.count('subscriber')} subscriber(s), "
+            f"{kinds.count('worker')} worker(s)")
 
 
 @incidents.command()

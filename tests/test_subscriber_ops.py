@@ -14,6 +14,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from oneha import heartbeat
 from oneha.incidents import IncidentStore, Kind, Status
 from oneha.incidents_cli import incidents as incidents_cmd
 from oneha.redis_server import RedisServer
@@ -127,8 +128,10 @@ def test_incidents_cli_list_show_approve(redis_url: str, tmp_path: Path, monkeyp
     listed = runner.invoke(incidents_cmd, ["--config", str(cfg), "list", "--json"])
     assert listed.exit_code == 0, listed.output
     assert [i["id"] for i in json.loads(listed.output)] == [rep.incident_id]
+    heartbeat.beat(r, store.keys, "worker:w1@test")
     table = runner.invoke(incidents_cmd, ["--config", str(cfg)])
     assert table.exit_code == 0 and "held" in table.output
+    assert "0 subscriber(s), 1 worker(s)" in table.output
     shown = runner.invoke(incidents_cmd, ["--config", str(cfg), "show", str(rep.incident_id), "--json"])
     data = json.loads(shown.output)
     assert data["vms"]["12"]["action"] == "recreate" and data["log"][0]["event"] == "opened"
