@@ -33,6 +33,7 @@ def run_demo(options: StackOptions, keep: bool, headless: bool, console: Console
         summary = _play(stack, headless, console)
         _print_summary(summary, console)
         if keep:
+            _print_explore_hints(stack, console)
             console.print("--keep: everything stays up; Ctrl-C stops it all.")
             stop.wait()
     console.print("stopped: every process the lab started has exited.")
@@ -103,6 +104,16 @@ def _print_endpoints(stack: Stack, console: Console, headless: bool) -> None:
             console.print(line, soft_wrap=True, highlight=False)
     else:
         console.print(Panel("\n".join(lines), title="oneha lab"))
+
+
+def _print_explore_hints(stack: Stack, console: Console) -> None:
+    assert stack.lab is not None
+    config = stack.workdir / "oneha.toml"
+    for line in (f"  ONEHA_CONFIG={config} oneha incidents list --all",
+                 f"  ONEHA_CONFIG={config} oneha incidents show 1",
+                 f"  ONEHA_LAB_URL={stack.lab.rpc_url} oneha lab ctl kill-host 3",
+                 f"  ONEHA_LAB_URL={stack.lab.rpc_url} oneha lab ctl oracle"):
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 def _print_summary(summary: Summary, console: Console) -> None:
