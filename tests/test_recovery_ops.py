@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import requests
 
+from oneha.incidents import Kind
 from oneha.redis_server import free_port
 from oneha.waiting import wait_until
 from tests.labkit import call, running_lab
@@ -97,3 +98,20 @@ def test_worker_metrics_report_recoveries_fencing_and_oned_calls(tmp_path: Path,
         assert 'oneha_oned_call_seconds_count{method="vm.recover"}' in text or \
             'oneha_oned_call_seconds_count{method="one.vm.recover"}' in text, text
         assert "oneha_time_to_recover_seconds_count" in text
+
+
+def test_vm_unknown_on_a_disabled_host_is_left_alone_and_alerted(tmp_path: Path, redis_url: str) -> None:
+    """oned never declares a DISABLED host ERROR: its UNKNOWN VMs cannot be confirmed dead, so none is resumed
+    or recreated (that could run it twice) — the incident says why and the audit trail carries an alert."""
+    with running_lab(hosts=3, **LAB) as lab:
+        vid = call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"})
+        call(lab.rpc_url, "one.host.status", 0, 1)  # disabled by an operator
+        call(lab.rpc_url, "lab.host.kill", 0)
+        wait_until(lambda: vm_states(lab.rpc_url, [vid]).get(vid) == "ACTIVE/UNKNOWN", 10, what="VM UNKNOWN")
+        with worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1) as stack:
+            incident = stack.wait_closed(stack.report_vm(Kind.VM_CRASH, vid))
+            log = stack.store.log(incident.id)
+        assert incident.status.value == "no_action" and "not confirmed dead" in incident.detail, incident
+        assert any(e["event"] == "alert" and "DISABLED" in e["message"] for e in log), log
+        assert vm_states(lab.rpc_url, [vid])[vid] == "ACTIVE/UNKNOWN"
+        assert "<STATE>4</STATE>" in call(lab.rpc_url, "one.host.info", 0)  # still DISABLED, never ERROR

@@ -14,7 +14,7 @@ import logging
 import time
 
 from oneha.incidents import Kind, Status
-from oneha.opennebula import FAILURE_LCM_STATES, LcmState, VmState, VmView
+from oneha.opennebula import FAILURE_LCM_STATES, HOST_OPERATOR_STATES, LcmState, VmState, VmView
 from workers.hooks import step
 from workers.runtime import Flow, Runtime
 from workers.vm_steps import act, claim_vm, confirm, release_vm
@@ -144,10 +144,17 @@ def check_crash_owner(flow: Flow, vm: VmView) -> str | None:
         return "VM has no host"
     open_host = flow.rt.store.open_incident_id("host", vm.hid)
     if open_host is not None:
-        return f"host {vm.hid} has open incident {open_host}"
+        return f"the host incident owns it: host {vm.hid} has open incident {open_host}"
     host = flow.rt.oned.host_info(vm.hid)
+    if host.state in HOST_OPERATOR_STATES:
+        # oned never declares a DISABLED/OFFLINE host ERROR (REFERENCE §1): nothing confirms it dead, so resuming
+        # or recreating could run the VM twice. Say so loudly instead.
+        flow.rt.hooks.alert(flow, f"VM {vm.id} is UNKNOWN on host {vm.hid}, which an operator set "
+                                  f"{host.state.name}: it cannot be confirmed dead, so oneha leaves the VM; check the "
+                                  "host, then enable it or recover the VM by hand")
+        return f"host {vm.hid} is {host.state.name}: not confirmed dead, left alone (alerted)"
     if not host.healthy:
-        return f"host {vm.hid} is {host.state.name}"
+        return f"the host incident owns it: host {vm.hid} is {host.state.name}"
     return None
 
 
@@ -165,7 +172,7 @@ def vm_crash_flow(flow: Flow) -> str:
                       handled=False)
     owner_reason = check_crash_owner(flow, vm)
     if owner_reason is not None:
-        return _close(flow, Status.NO_ACTION, f"the host incident owns it: {owner_reason}", vm, "none", "no_action")
+        return _close(flow, Status.NO_ACTION, owner_reason, vm, "none", "no_action")
     if policy.vm_crash_action == "none":
         return _close(flow, Status.NO_ACTION, "vm_crash_action = none", vm, "none", "no_action")
     owner = claim_vm(flow, vid)
