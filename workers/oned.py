@@ -289,20 +289,17 @@ class OnedGateway:
 class VmReader:
     """Coalesces concurrent VM reads of one process into `one.vmpool.infoset` calls.
 
-    Callers queue the ids they need; a fetcher thread takes everything queued, makes one call (chunked at 500),
-    and hands each caller its VMs. Up to `fetchers` calls are in flight at once: a request made while one call is
-    out starts the next at once instead of waiting a whole oned round trip for it; when all fetchers are busy,
-    requests go into the next call, so batches grow with load and a lone request is served at once. The read
-    starts after the request, so it is as fresh as a dedicated `one.vm.info`.
+    Callers queue the ids they need; one fetcher thread takes everything queued, makes one call (chunked at 500),
+    and hands each caller its VMs. Requests made while a call is in flight go into the next call, so batches grow
+    with load and a lone request is served at once. The read starts after the request, so it is as fresh as a
+    dedicated `one.vm.info`.
     """
 
-    def __init__(self, fetch: Callable[[Iterable[int]], list[VmView]], fetchers: int = 2) -> None:
+    def __init__(self, fetch: Callable[[Iterable[int]], list[VmView]]) -> None:
         self.fetch = fetch
-        self.fetchers = max(1, fetchers)
         self._cond = threading.Condition()
         self._queue: list[tuple[frozenset[int], Future[dict[int, VmView]]]] = []
-        self._threads: list[threading.Thread] = []
-        self._idle = 0  # fetcher threads waiting for work
+        self._thread: threading.Thread | None = None
         self.batches = 0
 
     def get_many(self, vm_ids: Iterable[int], timeout_s: float = 120.0) -> dict[int, VmView]:
@@ -310,12 +307,9 @@ class VmReader:
         fut: Future[dict[int, VmView]] = Future()
         with self._cond:
             self._queue.append((frozenset(vm_ids), fut))
-            self._threads = [t for t in self._threads if t.is_alive()]
-            if self._idle == 0 and len(self._threads) < self.fetchers:
-                thread = threading.Thread(target=self._run, name="oneha-vm-reader", daemon=True)
-                self._threads.append(thread)
-                self._idle += 1  # counted idle until it takes its first batch
-                thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="oneha-vm-reader", daemon=True)
+                self._thread.start()
             self._cond.notify()
         return fut.result(timeout=timeout_s)
 
@@ -328,19 +322,14 @@ class VmReader:
                 while not self._queue:
                     self._cond.wait()
                 batch, self._queue = self._queue, []
-                self._idle -= 1
             wanted = frozenset().union(*(ids for ids, _ in batch))
             try:
                 views = {v.id: v for v in self.fetch(wanted)}
             except BaseException as exc:  # handed to every waiter; the thread keeps serving
                 for _, fut in batch:
                     fut.set_exception(exc)
-                with self._cond:
-                    self._idle += 1
                 continue
-            with self._cond:
-                self.batches += 1
-                self._idle += 1
+            self.batches += 1
             for ids, fut in batch:
                 fut.set_result({i: views[i] for i in ids if i in views})
 
