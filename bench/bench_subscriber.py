@@ -49,10 +49,13 @@ def frames(i: int, sent_at: float) -> list[bytes]:
     return [f"EVENT STATE VM/ACTIVE/UNKNOWN/{vid} ".encode(), base64.b64encode(doc.encode())]
 
 
-def publish(url: str, count: int, rate: float, ready: Any, go: Any) -> None:
+def publish(url: str, count: int, rate: float, ready: Any, go: Any, bind: bool = False) -> None:
     sock = zmq.Context().socket(zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, 0)
-    sock.connect(url)
+    if bind:
+        sock.bind(url)
+    else:
+        sock.connect(url)
     ready.set()
     go.wait()
     start = time.perf_counter()
@@ -198,19 +201,8 @@ def run_listener(url: str, count: int, rate: float) -> dict[str, Any]:
 
 
 def publish_bound(port: int, count: int, rate: float, ready: Any, go: Any) -> None:
-    sock = zmq.Context().socket(zmq.PUB)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.bind(f"tcp://127.0.0.1:{port}")
-    ready.set()
-    go.wait()
-    start = time.perf_counter()
-    for i in range(count):
-        if rate > 0:
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        sock.send_multipart(frames(i, time.time()))
-    sock.close(linger=5000)
+    """`publish` from a PUB socket that binds, as one_hm does, for the service's SUB socket to connect to."""
+    publish(f"tcp://127.0.0.1:{port}", count, rate, ready, go, bind=True)
 
 
 def _free_port() -> int:
