@@ -105,6 +105,7 @@ class ReportRequest:
     grace_s: float
     source: str
     token: str = ""
+    owner_host: int | None = None  # a crashed VM's host: while that host has an open incident, the host owns it
 
 
 @dataclass(frozen=True)
@@ -113,19 +114,25 @@ class Report:
 
     incident_id: int
     opened: bool  # False: it collapsed into an existing incident or a handled failure
-    reason: str = ""  # why not opened: "open" or "handled"
+    reason: str = ""  # why not opened: "open", "handled", or "owned" (the VM's host has an open incident)
 
 
-# One report, shared by _REPORT and _REPORT_MANY: returns id, opened (1/0), why not opened ('open', 'handled', '').
-# Arguments: open key, handled hash, seq, due zset, index zset; prefix, kind, resource id, cluster id, now, due,
-# source, handled-token (VM history seq or ""). All strings, as the callers pass them.
+# One report, shared by _REPORT and _REPORT_MANY: returns id, opened (1/0), why not opened ('open', 'handled',
+# 'owned', ''). Arguments: open key, handled hash, seq, due zset, index zset; prefix, kind, resource id, cluster id,
+# now, due, source, handled-token (VM history seq or ""), owner key (open key of a crashed VM's host, or "").
+# All strings, as the callers pass them. A VM that went UNKNOWN because its host failed is the host incident's:
+# opening a crash incident for each would only add oned calls (and noise) while the host is being recovered.
 _REPORT_FN = """
 local function report(open_key, handled_key, seq_key, due_key, index_key, prefix, kind, rid, cluster, now, due,
-                      source, token)
+                      source, token, owner_key)
   local existing = redis.call('GET', open_key)
   if existing then
     redis.call('HINCRBY', prefix .. ':incident:' .. existing, 'reports', 1)
     return tonumber(existing), 0, 'open'
+  end
+  if owner_key ~= '' then
+    local owner = redis.call('GET', owner_key)
+    if owner then return tonumber(owner), 0, 'owned' end
   end
   local handled = redis.call('HGET', handled_key, rid)
   if handled then
@@ -150,10 +157,10 @@ end
 """
 
 # KEYS: open key, handled hash, seq, due zset, index zset.
-# ARGV: prefix, kind, resource id, cluster id, now, due, source, handled-token (VM history seq or "").
+# ARGV: prefix, kind, resource id, cluster id, now, due, source, handled-token (VM history seq or ""), owner key.
 _REPORT = _REPORT_FN + """
 local id, opened, reason = report(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                                  ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+                                  ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 return {id, opened, reason}
 """
 
@@ -161,14 +168,15 @@ return {id, opened, reason}
 # here too (key as Keys.incident_log). One command instead of a pipeline of scripts plus a pipeline of audit
 # writes: redis-py spends far more time packing and parsing commands than Redis spends running them.
 # KEYS: seq, due zset, index zset. ARGV: prefix, audit entries kept, JSON list of
-# [open key, handled hash, kind, resource id, cluster id, now, due, source, token, audit entry] (all strings).
+# [open key, handled hash, kind, resource id, cluster id, now, due, source, token, audit entry, owner key]
+# (all strings).
 # Returns JSON: [id, opened, reason, id, opened, reason, ...].
 _REPORT_MANY = _REPORT_FN + """
 local keep = tonumber(ARGV[2])
 local out = {}
 for _, q in ipairs(cjson.decode(ARGV[3])) do
   local id, opened, reason = report(q[1], q[2], KEYS[1], KEYS[2], KEYS[3], ARGV[1], q[3], q[4], q[5], q[6], q[7],
-                                    q[8], q[9])
+                                    q[8], q[9], q[11])
   if opened == 1 then
     local log = ARGV[1] .. ':incident:' .. id .. ':log'
     redis.call('RPUSH', log, q[10])
@@ -230,23 +238,28 @@ class IncidentStore:
 
     # Intake ----------------------------------------------------------------------------------------------------
     def report(self, kind: Kind, resource_id: int, cluster_id: int, grace_s: float, source: str,
-               token: str = "", now: float | None = None) -> Report:
-        """Open an incident for a failure, or collapse the report into the one already open/handled.
+               token: str = "", now: float | None = None, owner_host: int | None = None) -> Report:
+        """Open an incident for a failure, or collapse the report into the one already open/handled/owned.
 
         `token` tells failure episodes of one VM apart (its history sequence): a handled marker with another
-        token is stale and no longer suppresses.
+        token is stale and no longer suppresses. `owner_host`: a crashed VM's host; while that host has an open
+        incident, no crash incident is opened (reason "owned").
         """
         now = time.time() if now is None else now
         k = self.keys
         res = kind.resource
         raw = self._report(
             keys=[k.open_incident(res, resource_id), k.handled(res), k.incident_seq, k.due, k.incident_index],
-            args=[k.prefix, kind.value, resource_id, cluster_id, now, now + grace_s, source, token],
+            args=[k.prefix, kind.value, resource_id, cluster_id, now, now + grace_s, source, token,
+                  self._owner_key(owner_host)],
         )
         incident_id, opened, reason = int(raw[0]), bool(int(raw[1])), _text(raw[2])
         if opened:
             self.audit(incident_id, "opened", source=source, grace_s=grace_s)
         return Report(incident_id, opened, reason)
+
+    def _owner_key(self, owner_host: int | None) -> str:
+        return self.keys.open_incident("host", owner_host) if owner_host is not None else ""
 
     def report_many(self, requests: Sequence[ReportRequest], now: float | None = None) -> list[Report]:
         """report() for many failures, in order, in one round trip per REPORT_CHUNK (each report stays atomic).
@@ -267,7 +280,8 @@ class IncidentStore:
                 entry = entries[(q.grace_s, q.source)] = json.dumps(
                     {"t": t, "event": "opened", "grace_s": q.grace_s, "source": q.source}, sort_keys=True)
             rows.append([k.open_incident(res, q.resource_id), k.handled(res), q.kind.value, str(q.resource_id),
-                         str(q.cluster_id), str(now), str(now + q.grace_s), q.source, q.token, entry])
+                         str(q.cluster_id), str(now), str(now + q.grace_s), q.source, q.token, entry,
+                         self._owner_key(q.owner_host)])
         out: list[Report] = []
         for start in range(0, len(rows), REPORT_CHUNK):
             raw = json.loads(self._report_many(

@@ -43,6 +43,7 @@ class Outcome(StrEnum):
     HEALTHY = "healthy"  # host healthy, nothing was waiting
     IGNORED = "ignored"  # a state that is not a failure
     OPTED_OUT = "opted_out"
+    OWNED = "owned"  # a crashed VM whose host has an open incident: the host flow recovers it
     POLICY_NONE = "policy_none"
 
 
@@ -146,7 +147,8 @@ class Intake:
             return Result(Outcome.POLICY_NONE)
         # The history sequence tells failure episodes apart: a VM redeployed since its last incident fails anew.
         token = str(vm.history_seq) if vm is not None else ""
-        return ReportRequest(kind, event.vm_id, cluster, grace, source, token)
+        owner = vm.hid if vm is not None and kind is Kind.VM_CRASH else None
+        return ReportRequest(kind, event.vm_id, cluster, grace, source, token, owner)
 
     def _healthy(self, event: HostEvent, source: str) -> Result:
         cancelled = self.store.cancel_waiting("host", event.host_id, f"host back to {event.state.name}")
@@ -164,18 +166,24 @@ class Intake:
         done = time.time()
         opened: list[tuple[int, ReportRequest]] = []
         duplicates: Counter[str] = Counter()
+        owned = 0
         observe = metrics.ENQUEUE_LATENCY.observe
         for (i, q, received_at), rep in zip(queued, reports, strict=True):
             observe(max(0.0, done - received_at))
             if rep.opened:
                 opened.append((rep.incident_id, q))
                 results[i] = Result(Outcome.OPENED, rep.incident_id)
+            elif rep.reason == "owned":
+                owned += 1
+                results[i] = Result(Outcome.OWNED, rep.incident_id)
             else:
                 duplicates[q.source] += 1
                 results[i] = Result(Outcome.DUPLICATE, rep.incident_id)
         queued.clear()
         for source, n in duplicates.items():
             metrics.DUPLICATES.labels(source).inc(n)
+        if owned:
+            metrics.EVENTS_IGNORED.labels("owned_by_host").inc(owned)
         if not opened:
             return
         for kind, n in Counter(q.kind.value for _, q in opened).items():

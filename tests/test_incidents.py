@@ -80,3 +80,13 @@ def test_due_incidents_are_claimed_once_per_lease(redis_url: str) -> None:
     assert s.claim_due(lease_s=30, now=now + 6) == [a]
     assert s.claim_due(lease_s=30, now=now + 7) == []  # leased
     assert sorted(s.claim_due(lease_s=30, now=now + 60)) == [a, b]  # lease ran out: dispatched again
+
+
+def test_a_crashed_vm_of_a_host_with_an_open_incident_is_the_host_incidents(redis_url: str) -> None:
+    s = store(redis_url)
+    host = s.report(Kind.HOST, 3, 0, grace_s=60, source="zmq").incident_id
+    owned = s.report(Kind.VM_CRASH, 42, 0, grace_s=60, source="zmq", token="1", owner_host=3)
+    assert not owned.opened and owned.reason == "owned" and owned.incident_id == host
+    assert s.report(Kind.VM_CRASH, 43, 0, grace_s=60, source="zmq", token="1", owner_host=4).opened  # other host
+    s.cancel_waiting("host", 3, "back")
+    assert s.report(Kind.VM_CRASH, 42, 0, grace_s=60, source="zmq", token="1", owner_host=3).opened
