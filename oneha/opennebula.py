@@ -513,6 +513,13 @@ def classify_error(exc: BaseException) -> ErrorKind:
     return ErrorKind.PERMANENT
 
 
+def is_no_exists(exc: BaseException) -> bool:
+    """oned answered NO_EXISTS (0x400): the object is gone."""
+    import pyone
+
+    return isinstance(exc, pyone.OneNoExistsException)
+
+
 def make_server(endpoint: str, session: str, connect_timeout_s: float = 3.0, read_timeout_s: float = 15.0,
                 https_verify: bool | str = True) -> Any:
     """A pyone OneServer whose calls are bounded by connect and read timeouts."""

@@ -115,3 +115,12 @@ def test_vm_unknown_on_a_disabled_host_is_left_alone_and_alerted(tmp_path: Path,
         assert any(e["event"] == "alert" and "DISABLED" in e["message"] for e in log), log
         assert vm_states(lab.rpc_url, [vid])[vid] == "ACTIVE/UNKNOWN"
         assert "<STATE>4</STATE>" in call(lab.rpc_url, "one.host.info", 0)  # still DISABLED, never ERROR
+
+
+def test_incidents_of_objects_deleted_from_oned_close_instead_of_looping(tmp_path: Path, redis_url: str) -> None:
+    """A host or VM removed from oned after its incident opened: closed as no_action, not re-dispatched for ever."""
+    with running_lab(hosts=2, **LAB) as lab, worker_stack(tmp_path, redis_url, lab.rpc_url, workers=1) as stack:
+        host = stack.wait_closed(stack.report_host(77))
+        vm = stack.wait_closed(stack.report_vm(Kind.VM_FAILURE, 9999, token="0"))
+    assert host.status.value == "no_action" and "no longer exists" in host.detail, host
+    assert vm.status.value == "no_action" and "no longer exists" in vm.detail, vm

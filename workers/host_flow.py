@@ -63,7 +63,7 @@ def confirm_host_failed(flow: Flow) -> tuple[HostView, list[HostView]]:
         if h.id == flow.incident.resource_id:
             return h, pool
     raise OnedError("one.hostpool.info", ErrorKind.PERMANENT,
-                    f"[one.host.info] Error getting host [{flow.incident.resource_id}]: NoExists")
+                    f"host {flow.incident.resource_id} is not in the host pool", missing=True)
 
 
 @step("check_storm")
@@ -188,7 +188,14 @@ def _host_flow(flow: Flow) -> str:
         redispatch_pending(flow)
         return "redispatched"
     fenced = bool(inc.extra.get("fenced_at"))
-    host, pool = confirm_host_failed(flow)
+    try:
+        host, pool = confirm_host_failed(flow)
+    except OnedError as exc:
+        if not exc.missing:
+            raise
+        # Deleted from oned: nothing left to recover, and raising would re-dispatch it every lease for ever.
+        rt.store.close(inc, Status.NO_ACTION, "the host no longer exists in oned", handled=False)
+        return "no_action"
     if not fenced and not host.failed:
         came_back = host.state not in (HostState.DISABLED, HostState.OFFLINE)
         rt.store.close(inc, Status.NO_ACTION, f"host is {host.state.name}", handled=not came_back)

@@ -28,7 +28,16 @@ from typing import Protocol, TypeVar
 import redis
 
 from oneha.keys import Keys
-from oneha.opennebula import ErrorKind, HostView, OnedClient, RecoverOp, VmView, classify_error, make_server
+from oneha.opennebula import (
+    ErrorKind,
+    HostView,
+    OnedClient,
+    RecoverOp,
+    VmView,
+    classify_error,
+    is_no_exists,
+    make_server,
+)
 from oneha.settings import OnedSettings
 from oneha.waiting import WaitTimeout, wait_until
 
@@ -39,11 +48,12 @@ T = TypeVar("T")
 class OnedError(Exception):
     """A failed oned call after retries. `kind` says what the caller should do; the message holds no secret."""
 
-    def __init__(self, method: str, kind: ErrorKind, message: str, attempts: int = 1) -> None:
+    def __init__(self, method: str, kind: ErrorKind, message: str, attempts: int = 1, missing: bool = False) -> None:
         super().__init__(f"{method}: {kind.value}: {message}")
         self.method = method
         self.kind = kind
         self.attempts = attempts
+        self.missing = missing  # oned said NO_EXISTS: the object is gone (a permanent error, but a final answer)
 
 
 class CallObserver(Protocol):
@@ -231,7 +241,7 @@ class OnedGateway:
                     self.observer.oned_call(method, time.monotonic() - started, kind)
                 message = self._clean(exc)
                 if kind is not ErrorKind.TRANSIENT or attempt == attempts - 1:
-                    raise OnedError(method, kind, message, attempt + 1) from None
+                    raise OnedError(method, kind, message, attempt + 1, missing=is_no_exists(exc)) from None
                 log.info("oned %s failed transiently (%s), attempt %d/%d", method, message, attempt + 1, attempts)
                 if self.observer:
                     self.observer.oned_retry(method)

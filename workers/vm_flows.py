@@ -16,6 +16,7 @@ import time
 from oneha.incidents import Kind, Status
 from oneha.opennebula import FAILURE_LCM_STATES, HOST_OPERATOR_STATES, LcmState, VmState, VmView
 from workers.hooks import step
+from workers.oned import OnedError
 from workers.runtime import Flow, Runtime
 from workers.vm_steps import act, claim_vm, confirm, release_vm
 
@@ -38,6 +39,11 @@ def handle_vm_incident(rt: Runtime, incident_id: int) -> str:
             if inc.kind is Kind.VM_FAILURE:
                 return vm_failure_flow(flow)
             return vm_crash_flow(flow)
+        except OnedError as exc:
+            if not exc.missing:
+                raise
+            # Deleted from oned: nothing left to do, and raising would re-dispatch it every lease for ever.
+            return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "none", "gone", handled=False)
         finally:
             release_vm(flow, inc.resource_id)
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import redis
 
-from oneha.opennebula import FAILURE_LCM_STATES, VM_IN_FLIGHT_LCM_STATES, LcmState, RecoverOp, VmState, VmView
+from oneha.opennebula import (
+    FAILURE_LCM_STATES,
+    VM_IN_FLIGHT_LCM_STATES,
+    ErrorKind,
+    LcmState,
+    RecoverOp,
+    VmState,
+    VmView,
+)
 from oneha.settings import ClusterPolicy
 from oneha.waiting import WaitTimeout, wait_until
 from workers.hooks import step
@@ -181,9 +189,9 @@ def act(flow: Flow, vm: VmView, action: str) -> str:
     try:
         return "done" if ACTIONS[action](flow, vm) else "dry_run"
     except OnedError as exc:
-        if exc.kind.value == "wrong_state":
+        if exc.kind is ErrorKind.WRONG_STATE:
             return "wrong_state"
-        if "NoExists" in str(exc):
+        if exc.missing:
             return "gone"
         raise
 
