@@ -47,6 +47,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def warm_up_producer(app: Any, queues: tuple[str, ...]) -> None:
+    """Connect to the broker and declare `queues` now rather than on the first send, which is on the critical path
+    of a recovery (~15 ms). Raises what the broker raises: callers decide whether that matters."""
+    with app.producer_or_acquire() as producer:
+        for queue in queues:
+            producer.maybe_declare(app.amqp.queues[queue])
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {"visibility_timeout": settings.broker.visibility_timeout_s}
     if settings.broker.sentinel_master:

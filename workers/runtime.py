@@ -125,6 +125,21 @@ def get_runtime() -> Runtime:
         return _runtime
 
 
+def _warm_up() -> None:
+    """Pay the first task's one-off costs at start (flow imports, broker connection for the VM tasks a host task
+    sends), not during the first recovery."""
+    import workers.host_flow
+    import workers.vm_flows  # noqa: F401
+    from oneha.celeryconf import warm_up_producer
+    from oneha.keys import VM_QUEUE
+    from workers.app import app
+
+    try:
+        warm_up_producer(app, (VM_QUEUE,))
+    except Exception as exc:  # the first send connects (and retries) anyway
+        log.warning("broker not reachable at start: %s", type(exc).__name__)
+
+
 def start_metrics_and_heartbeat(hostname: str) -> None:
     """In a worker process: serve Prometheus metrics, and beat `keys.heartbeat` so tools see the worker."""
     rt = get_runtime()
@@ -135,6 +150,7 @@ def start_metrics_and_heartbeat(hostname: str) -> None:
         server, _ = start_http_server(port, addr=rt.settings.worker.metrics_bind)
         log.info("worker metrics on http://%s:%d/metrics", rt.settings.worker.metrics_bind, server.server_port)
 
+    _warm_up()
     # The worker runs until its process ends: the stop event is never set, the hash entry simply ages out.
     threading.Thread(target=heartbeat.run, args=(rt.redis, rt.keys, f"worker:{hostname}", threading.Event()),
                      name="oneha-heartbeat", daemon=True).start()
