@@ -4,6 +4,11 @@ An entry is acknowledged only once its report() returned, i.e. once the incident
 durable handover from the hook. A subscriber that dies holding entries leaves them pending; the others take them
 over with XAUTOCLAIM when they have been idle for `claim_idle_s`. Malformed entries are acknowledged and counted,
 or they would come back forever.
+
+Every subscriber start is a new consumer name (host-pid-random), so the group would collect dead consumers for
+ever: consumers idle for `stale_consumer_s` with nothing pending are deleted (their abandoned entries were claimed
+by then). Check and delete run in one script, so a consumer that reads an entry meanwhile is never deleted with it;
+a live but quiet consumer that is deleted loses nothing (it holds nothing) and is re-created by its next read.
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ from subscriber.logs import kv
 log = logging.getLogger("oneha.subscriber.stream")
 
 
+STALE_CONSUMER_S = 3600.0
+
+# KEYS: stream. ARGV: group, min idle ms, our name. Delete the group's consumers idle that long with nothing pending.
+_PRUNE_CONSUMERS = """
+local deleted = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[3] and tonumber(f['pending']) == 0 and tonumber(f['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
+
 class Retry(Exception):
     """The entry could not be handled now (oned unreachable): leave it pending, try again later."""
 
@@ -53,7 +75,8 @@ def _text(value: Any) -> str:
 class StreamConsumer:
     def __init__(self, r: redis.Redis, keys: Keys, intake: Intake, oned: Callable[[], OnedClient],
                  stop: threading.Event, name: str | None = None, claim_idle_s: float = 30.0,
-                 block_ms: int = 500, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+                 block_ms: int = 500, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 stale_consumer_s: float = STALE_CONSUMER_S) -> None:
         self.r = r
         self.stream = keys.bridge_stream
         self.intake = intake
@@ -63,6 +86,8 @@ class StreamConsumer:
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.block_ms = block_ms
         self.max_event_bytes = max_event_bytes
+        self.stale_consumer_ms = int(stale_consumer_s * 1000)
+        self._prune = r.register_script(_PRUNE_CONSUMERS)
         self._group_ready = False
         self._retry_pending_at = 0.0
 
@@ -92,9 +117,17 @@ class StreamConsumer:
             claimed = self.r.xautoclaim(self.stream, BRIDGE_GROUP, self.name, self.claim_idle_ms, "0-0",
                                         count=100)
             done += self._handle([(self.stream, claimed[1])])
+            self.prune_consumers()
         done += self._handle(self.r.xreadgroup(BRIDGE_GROUP, self.name, {self.stream: ">"}, count=100,
                                                block=self.block_ms))
         return done
+
+    def prune_consumers(self) -> int:
+        """Delete consumers of the group idle for `stale_consumer_s` with nothing pending; how many."""
+        deleted = int(self._prune(keys=[self.stream], args=[BRIDGE_GROUP, self.stale_consumer_ms, self.name]))
+        if deleted:
+            log.info("stream: stale consumers deleted", extra=kv(count=deleted))
+        return deleted
 
     def _ensure_group(self) -> None:
         if self._group_ready:

@@ -42,7 +42,7 @@ def b64(xml: str) -> str:
 
 
 def consumer(url: str, oned: OnedClient | None = None, claim_idle_s: float = 30.0,
-             name: str | None = None) -> StreamConsumer:
+             name: str | None = None, stale_consumer_s: float = 3600.0) -> StreamConsumer:
     r = redis.Redis.from_url(url)
     store = IncidentStore(r)
 
@@ -50,7 +50,8 @@ def consumer(url: str, oned: OnedClient | None = None, claim_idle_s: float = 30.
         raise AssertionError("oned not expected")
 
     return StreamConsumer(r, Keys(), Intake(store, Policy()), (lambda: oned) if oned else no_oned,
-                          threading.Event(), name=name, claim_idle_s=claim_idle_s, block_ms=50)
+                          threading.Event(), name=name, claim_idle_s=claim_idle_s, block_ms=50,
+                          stale_consumer_s=stale_consumer_s)
 
 
 def test_template_as_argument_and_on_stdin(redis_url: str, redis_client: redis.Redis) -> None:
@@ -142,6 +143,27 @@ def test_entries_of_a_dead_consumer_are_claimed(redis_url: str, redis_client: re
     assert redis_client.xpending(STREAM, BRIDGE_GROUP)["pending"] == 1
     survivor = consumer(redis_url, claim_idle_s=0.05, name="alive")
     wait_until(lambda: survivor.poll_once() and incidents(redis_url), 5, what="claimed entry")
+    assert redis_client.xpending(STREAM, BRIDGE_GROUP)["pending"] == 0
+
+
+def test_dead_consumers_are_deleted_once_idle_with_nothing_pending(redis_url: str, redis_client: redis.Redis
+                                                                   ) -> None:
+    bridge(b64(host_xml(6, 3)), url=redis_url)
+    redis_client.xgroup_create(STREAM, BRIDGE_GROUP, id="0", mkstream=True)
+    redis_client.xreadgroup(BRIDGE_GROUP, "holding", {STREAM: ">"}, count=10)  # died holding the entry
+    redis_client.xgroup_createconsumer(STREAM, BRIDGE_GROUP, "empty")  # died holding nothing
+
+    def names() -> set[str]:
+        return {c["name"] for c in redis_client.xinfo_consumers(STREAM, BRIDGE_GROUP)}
+
+    assert names() == {"holding", "empty"}
+    young = consumer(redis_url, name="alive", stale_consumer_s=3600)
+    assert young.prune_consumers() == 0  # none idle long enough
+    c = consumer(redis_url, name="alive", stale_consumer_s=0.05, claim_idle_s=0.05)
+    wait_until(lambda: c.prune_consumers() and names() == {"holding"}, 5, what="empty one deleted")
+    # The one holding an entry stays until the entry has been claimed; then it goes too. Nothing is lost.
+    wait_until(lambda: c.poll_once() is not None and names() == {"alive"}, 5, what="holder deleted after claim")
+    assert [i.resource_id for i in incidents(redis_url)] == [6]
     assert redis_client.xpending(STREAM, BRIDGE_GROUP)["pending"] == 0
 
 
