@@ -403,7 +403,7 @@ class IncidentStore:
         k = self.keys
         pipe = self.r.pipeline(transaction=False)
         for key in (k.incident(incident_id), k.incident_vms(incident_id), k.incident_log(incident_id),
-                    k.incident_pending_vms(incident_id)):
+                    k.incident_pending_vms(incident_id), k.incident_started_vms(incident_id)):
             pipe.expire(key, self.retention_s)
         pipe.zremrangebyscore(k.incident_index, "-inf", time.time() - self.retention_s)
         pipe.zremrangebyrank(k.incident_index, 0, -self.max_incidents - 1)

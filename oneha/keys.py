@@ -38,6 +38,10 @@ class Keys:
         """Set: VMs of a host incident whose recovery task has not finished yet."""
         return f"{self.prefix}:incident:{incident_id}:pending"
 
+    def incident_started_vms(self, incident_id: int | str) -> str:
+        """Set: VMs of a host incident whose recovery task has started at least once (the rest are still queued)."""
+        return f"{self.prefix}:incident:{incident_id}:started"
+
     def incident_log(self, incident_id: int | str) -> str:
         """List: the audit trail, JSON entries."""
         return f"{self.prefix}:incident:{incident_id}:log"
@@ -75,6 +79,11 @@ class Keys:
     def vm_recoveries(self, vm_id: int) -> str:
         """Sorted set: times a VM failure was recovered (loop protection)."""
         return f"{self.prefix}:recoveries:vm:{vm_id}"
+
+    @property
+    def vm_queue_moving(self) -> str:
+        """String: the last time (epoch s) a worker started a task from the VM queue (is the queue moving?)."""
+        return f"{self.prefix}:vm_queue:moving"
 
     @property
     def host_failures(self) -> str:

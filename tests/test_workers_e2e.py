@@ -18,6 +18,7 @@ from tests.workerkit import timeline_time, vm_timeline, worker_stack
 
 pytestmark = pytest.mark.slow
 LAB = {"monitoring_interval_s": 0.5, "step_delay_s": 0.05}
+CLOSED = ("recovered", "partial", "failed", "no_action", "cancelled")
 
 
 def populate(url: str, host: int, n: int = 20, **extra: Any) -> list[int]:
@@ -233,3 +234,30 @@ def test_worker_killed_mid_flow_and_duplicate_deliveries(tmp_path: Path, redis_u
             assert sorted(stack.store.vm_records(inc)) == sorted(vms)
 
 
+
+
+def test_vm_tasks_queued_longer_than_the_lease_are_not_sent_again(tmp_path: Path, redis_url: str) -> None:
+    """A large failure: host B's VM tasks wait behind host A's for longer than B's lease. The watchdog re-runs B's
+    host task, which must see the queue moving and leave B's queued tasks alone instead of sending them again."""
+    with running_lab(hosts=4, **LAB) as lab:
+        url = lab.rpc_url
+        first, second = populate(url, 1, n=40), populate(url, 2, n=10)
+        with worker_stack(tmp_path, redis_url, url, workers=1, concurrency=2,
+                          worker={"task_lease_s": 1.0, "lock_ttl_s": 2.0, "storm_max_share": 1.0}) as stack:
+            call(url, "lab.faults", {"latency_ms": 50})
+            kill_and_wait_error(url, 1)
+            kill_and_wait_error(url, 2)
+            a = stack.report_host(1)
+            stack.wait_status(a, "recovering", *CLOSED)
+            b = stack.report_host(2)
+            for inc in (a, b):
+                closed = stack.wait_closed(inc, timeout_s=90)
+                assert closed.status.value == "recovered", closed.detail
+            call(url, "lab.faults", {"latency_ms": 0})
+            o = assert_recovered_elsewhere(url, first, 1)
+            assert_recovered_elsewhere(url, second, 2)
+            assert all(acted_count(o, v, "ACTIVE/CLEANUP_RESUBMIT") == 1 for v in first + second)
+            rechecks = [e for e in stack.store.log(b) if e.get("event") == "redispatch"]
+            assert rechecks, f"B's lease never ran out: the scenario tested nothing {stack.store.log(b)}"
+            assert sum(e["vms"] for e in rechecks) == 0, rechecks
+            assert any(e["queued"] > 0 for e in rechecks)

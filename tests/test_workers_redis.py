@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -153,3 +155,36 @@ def test_gateway_times_out_when_oned_hangs(redis_client: redis.Redis) -> None:
         assert err.value.kind is ErrorKind.TRANSIENT and err.value.attempts == 2
         assert time.monotonic() - started < 3
         call(lab.rpc_url, "lab.faults", {"hang": False})
+
+
+def test_host_rerun_sends_again_only_the_vm_tasks_that_were_lost(redis_url: str, tmp_path: Path) -> None:
+    """redispatch_pending on a real Redis: queued tasks are left alone while the VM queue moves; a task that started
+    and lost its worker (no VM lease) is sent again; when the queue has not moved for a lease, every one is."""
+    from oneha.incidents import Kind, Status
+    from oneha.settings import load_settings
+    from tests.workerkit import write_config
+    from workers.host_flow import redispatch_pending
+    from workers.runtime import Flow, Runtime
+
+    sent: list[list[Any]] = []
+    settings = load_settings(write_config(tmp_path, redis_url, "http://127.0.0.1:9/RPC2"))  # oned never called
+    rt = Runtime.build(settings, send=lambda name, args, queue: sent.append(args))
+    inc_id = rt.store.report(Kind.HOST, 1, 0, 0.0, "test").incident_id
+    rt.store.set_status(inc_id, Status.RECOVERING, order="[10, 11, 12, 13]")
+    rt.redis.sadd(rt.keys.incident_pending_vms(inc_id), 10, 11, 12, 13)
+    rt.redis.sadd(rt.keys.incident_started_vms(inc_id), 11, 12)  # 10 and 13 still queued
+    running = rt.lease("vm", 12)
+    assert running.acquire()  # 12's task is running; 11's worker died
+
+    def rerun() -> list[int]:
+        sent.clear()
+        inc = rt.store.get(inc_id)
+        assert inc is not None
+        redispatch_pending(Flow(rt, inc))
+        return [vm for _, vm in sent]
+
+    rt.mark_vm_queue_moving()
+    assert rerun() == [11]
+    rt.redis.set(rt.keys.vm_queue_moving, time.time() - settings.worker.task_lease_s - 1)
+    assert rerun() == [10, 11, 12, 13]  # the queue stands still: the broker may have lost them
+    running.release()

@@ -123,7 +123,13 @@ def dispatch_vm_recoveries(flow: Flow, vms: list[VmView]) -> int:
 
 
 def redispatch_pending(flow: Flow) -> int:
-    """A re-run after the VM tasks were sent: send again those not finished (they are idempotent)."""
+    """A re-run after the VM tasks were sent (the incident's lease ran out): send again the VM tasks that were lost.
+
+    While the VM queue moves, a task that never started is still queued behind others (a large failure): sending
+    it again would only lengthen the queue, every lease, for every incident. Lost are the tasks that started and
+    whose worker died (VM lease gone). When the queue has not moved for a lease, every unfinished task is sent
+    again: the broker may have lost them. Sending again is safe either way: VM tasks are idempotent.
+    """
     rt, inc = flow.rt, flow.incident
     pending = {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc.id))}
     if not pending:
@@ -131,9 +137,26 @@ def redispatch_pending(flow: Flow) -> int:
         return 0
     order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
     order += sorted(pending - set(order))
-    rt.store.audit(inc.id, "redispatch", vms=len(order))
-    rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in order], VM_QUEUE)
-    return len(order)
+    lost = order if not vm_queue_moving(rt) else _started_without_lease(rt, inc.id, order)
+    rt.store.audit(inc.id, "redispatch", vms=len(lost), queued=len(order) - len(lost))
+    rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in lost], VM_QUEUE)
+    rt.extend(inc.id, force=True)
+    return len(lost)
+
+
+def vm_queue_moving(rt: Runtime) -> bool:
+    """A worker took a task from the VM queue within the last lease."""
+    last = rt.redis.get(rt.keys.vm_queue_moving)
+    return last is not None and time.time() - float(last) < rt.settings.worker.task_lease_s
+
+
+def _started_without_lease(rt: Runtime, incident_id: int, vm_ids: list[int]) -> list[int]:
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.smismember(rt.keys.incident_started_vms(incident_id), [str(v) for v in vm_ids])
+    for v in vm_ids:
+        pipe.exists(rt.keys.lock("vm", v))
+    started, *leased = pipe.execute()
+    return [v for v, s, held in zip(vm_ids, started, leased, strict=True) if s and not held]
 
 
 # KEYS: pending set. ARGV: vm id. Remove it; 1 if we removed the last one (we close), else 0.
@@ -227,6 +250,7 @@ def _host_flow(flow: Flow) -> str:
         rt.store.unschedule(inc.id)  # an operator must act; `oneha incidents approve` retries
         rt.hooks.alert(flow, f"fencing host {host.id} failed: {fence.detail}; no VM touched")
         return "fence_failed"
+    rt.extend(inc.id, force=True)  # back to one lease: the fence's extra time is over
     if policy.host_action == "none":
         rt.store.close(inc, Status.NO_ACTION, "host_action = none: fenced, VMs left to the operator")
         return "no_action"
@@ -245,7 +269,8 @@ def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
     pipe = rt.redis.pipeline(transaction=False)
     pipe.hgetall(rt.keys.incident(incident_id))
     pipe.sismember(pending_key, str(vm_id))
-    raw, pending = pipe.execute()
+    pipe.sadd(rt.keys.incident_started_vms(incident_id), str(vm_id))  # so a re-run knows it is not still queued
+    raw, pending, _ = pipe.execute()
     inc = Incident.from_hash(raw) if raw else None
     if inc is None or not inc.status.is_open:
         return "closed"
@@ -300,6 +325,7 @@ def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object], pipe: redis.cl
 
 
 __all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "fence_host", "finish_incident",
-           "list_vms_to_recover", "recover_host", "recover_host_vm", "redispatch_pending", "storm_reason"]
+           "list_vms_to_recover", "recover_host", "recover_host_vm", "redispatch_pending",
+           "storm_reason", "vm_queue_moving"]
 
 

@@ -41,6 +41,7 @@ class Runtime:
     send_many: BulkSender | None = None
     _extended: dict[int, float] = field(default_factory=dict, repr=False)
     _extend_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _moving_marked_at: float = field(default=0.0, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
@@ -80,6 +81,18 @@ class Runtime:
                 if len(self._extended) > 10_000:
                     self._extended.clear()
         self.store.schedule(incident_id, time.time() + lease + extra_s)
+
+    def mark_vm_queue_moving(self) -> None:
+        """A task from the VM queue starts: say so in `keys.vm_queue_moving` (read by a host incident's re-run).
+
+        At most one write per process per quarter lease (and per second): the reader only asks "within a lease?".
+        """
+        now = time.monotonic()
+        lease = self.settings.worker.task_lease_s
+        if now - self._moving_marked_at < min(1.0, lease / 4):
+            return
+        self._moving_marked_at = now
+        self.redis.set(self.keys.vm_queue_moving, round(time.time(), 3), ex=max(1, int(lease * 2)))
 
 
 @dataclass

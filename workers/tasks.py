@@ -26,7 +26,10 @@ MAX_RETRIES = 5
 
 def run_task(task: Task, fn: Callable[..., str], *args: Any) -> str:
     try:
-        return fn(get_runtime(), *args)
+        rt = get_runtime()
+        if task.name != TASK_RECOVER_HOST:
+            rt.mark_vm_queue_moving()
+        return fn(rt, *args)
     except LeaseLost as exc:
         log.warning("%s%s: %s; stopping (another worker holds it now)", task.name, list(args), exc)
         return "lease_lost"
