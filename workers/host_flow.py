@@ -119,6 +119,7 @@ def dispatch_vm_recoveries(flow: Flow, vms: list[VmView]) -> int:
         rt.redis.sadd(rt.keys.incident_pending_vms(inc.id), *order)
     rt.store.set_status(inc.id, Status.RECOVERING, order=json.dumps(order), vms_total=len(order))
     rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in order], VM_QUEUE)
+    rt.store.set_fields(inc.id, vm_tasks_sent=1)  # a re-run may trust that unstarted tasks are queued
     return len(order)
 
 
@@ -127,8 +128,9 @@ def redispatch_pending(flow: Flow) -> int:
 
     While the VM queue moves, a task that never started is still queued behind others (a large failure): sending
     it again would only lengthen the queue, every lease, for every incident. Lost are the tasks that started and
-    whose worker died (VM lease gone). When the queue has not moved for a lease, every unfinished task is sent
-    again: the broker may have lost them. Sending again is safe either way: VM tasks are idempotent.
+    whose worker died (VM lease gone). When the queue has not moved for a lease, or the first run died before it
+    had sent every task, every unfinished task is sent again. Sending again is safe either way: VM tasks are
+    idempotent.
     """
     rt, inc = flow.rt, flow.incident
     pending = {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc.id))}
@@ -137,9 +139,12 @@ def redispatch_pending(flow: Flow) -> int:
         return 0
     order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
     order += sorted(pending - set(order))
-    lost = order if not vm_queue_moving(rt) else _started_without_lease(rt, inc.id, order)
+    trust_queue = bool(inc.extra.get("vm_tasks_sent")) and vm_queue_moving(rt)
+    lost = _started_without_lease(rt, inc.id, order) if trust_queue else order
     rt.store.audit(inc.id, "redispatch", vms=len(lost), queued=len(order) - len(lost))
     rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in lost], VM_QUEUE)
+    if not trust_queue:
+        rt.store.set_fields(inc.id, vm_tasks_sent=1)
     rt.extend(inc.id, force=True)
     return len(lost)
 
