@@ -274,8 +274,7 @@ def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
     pipe = rt.redis.pipeline(transaction=False)
     pipe.hgetall(rt.keys.incident(incident_id))
     pipe.sismember(pending_key, str(vm_id))
-    pipe.sadd(rt.keys.incident_started_vms(incident_id), str(vm_id))  # so a re-run knows it is not still queued
-    raw, pending, _ = pipe.execute()
+    raw, pending = pipe.execute()
     inc = Incident.from_hash(raw) if raw else None
     if inc is None or not inc.status.is_open:
         return "closed"
@@ -284,7 +283,8 @@ def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
     rt.extend(incident_id)
     flow = Flow(rt, inc, trail=[])
     lease = rt.lease("vm", vm_id)
-    owner = claim_vm(flow, vm_id, lease)  # the claim and the VM lease in one round trip
+    # The claim, the VM lease and "started" (a re-run then knows this task is not still queued): one round trip.
+    owner = claim_vm(flow, vm_id, lease, rt.keys.incident_started_vms(incident_id))
     if owner != incident_id:
         if lease.token is not None:
             lease.release()
