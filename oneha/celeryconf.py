@@ -36,6 +36,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A child killed mid-task: retried like Task.retry, bounded by the task's max_retries (Celery 5.7),
         # rather than requeued forever (task_reject_on_worker_lost) or dropped (acks_late alone).
         "task_retry_on_worker_lost": True,
+        # Broker connection lost (Redis restarted): let running tasks finish. They are idempotent and re-check
+        # their leases, so a redelivered copy stands back; cancelling would stop a recovery mid-step for nothing.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT_S,
         "task_time_limit": TASK_TIME_LIMIT_S,

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +41,20 @@ class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
     workdir: Path
+    persist: bool = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, port: int | None = None, persist: bool = False) -> RedisServer:
+    def start(cls, port: int | None = None, persist: bool = False, workdir: Path | None = None) -> RedisServer:
         port = port or free_port()
-        workdir = Path(tempfile.mkdtemp(prefix="oneha-redis-"))
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="oneha-redis-"))
         args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
                 "--save", "", "--appendonly", "yes" if persist else "no", "--protected-mode", "yes"]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = cls(port, process, workdir)
+        server = cls(port, process, workdir, persist)
         client = redis.Redis(port=port, socket_connect_timeout=0.2)
         try:
             wait_until(lambda: process.poll() is not None or _pings(client), 10, what="redis-server")
@@ -62,7 +64,7 @@ class RedisServer:
             raise RuntimeError(f"redis-server exited with {process.returncode} (port {port} taken?)")
         return server
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -70,12 +72,15 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def restart(self) -> None:
-        """Stop and start on the same port (tests of a Redis restart under a running service)."""
-        self.stop()
-        fresh = RedisServer.start(self.port)
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, stay down `down_s` (the outage being simulated), start on the same port. A persistent server
+        comes back with its data (append-only file, written in full on a clean shutdown)."""
+        self.stop(keep_data=self.persist)
+        time.sleep(down_s)
+        fresh = RedisServer.start(self.port, self.persist, self.workdir if self.persist else None)
         self.process, self.workdir = fresh.process, fresh.workdir
 
 

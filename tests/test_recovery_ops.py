@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from oneha.incidents import Kind
-from oneha.redis_server import free_port
+from oneha.redis_server import RedisServer, free_port
 from oneha.waiting import wait_until
 from tests.labkit import call, running_lab
 from tests.workerkit import worker_stack
@@ -124,3 +124,32 @@ def test_incidents_of_objects_deleted_from_oned_close_instead_of_looping(tmp_pat
         vm = stack.wait_closed(stack.report_vm(Kind.VM_FAILURE, 9999, token="0"))
     assert host.status.value == "no_action" and "no longer exists" in host.detail, host
     assert vm.status.value == "no_action" and "no longer exists" in vm.detail, vm
+
+
+def test_redis_restarted_under_running_workers_mid_recovery(tmp_path: Path) -> None:
+    """Redis (broker and state, persistent) restarts while a host's VMs are being recovered: the workers survive,
+    the incident completes, and no VM is acted on twice."""
+    server = RedisServer.start(persist=True)
+    try:
+        with running_lab(hosts=3, **LAB) as lab:
+            url = lab.rpc_url
+            vms = [call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"}) for _ in range(30)]
+            call(url, "lab.host.kill", 1)
+            wait_until(lambda: host_in_error(url, 1), 10, what="host 1 in ERROR")
+            with worker_stack(tmp_path, server.url, url, workers=2, concurrency=2) as stack:
+                call(url, "lab.faults", {"latency_ms": 60})
+                incident = stack.report_host(1)
+                wait_until(lambda: len(stack.store.vm_records(incident)) >= 4, 30, what="first VMs recovered")
+                assert len(stack.store.vm_records(incident)) < len(vms), "too late: nothing left to interrupt"
+                server.restart(down_s=3.0)  # long enough for flows to hit the outage, not only Celery
+                closed = stack.wait_closed(incident, timeout_s=120)
+                call(url, "lab.faults", {"latency_ms": 0})
+                assert closed.status.value == "recovered", closed.detail
+                assert all(p.poll() is None for p in stack.workers.procs), stack.workers.logs()[-3000:]
+            oracle = call(url, "lab.oracle")
+            assert oracle["duplicates"] == [] and not set(map(str, vms)) & set(map(str, oracle["lost"]))
+            acted = [state for _, kind, vid, state in oracle["timeline"]
+                     if kind == "vm" and vid in vms and state == "ACTIVE/CLEANUP_RESUBMIT"]
+            assert len(acted) == len(vms)  # each VM recreated exactly once
+    finally:
+        server.stop()
