@@ -2,12 +2,15 @@
 
 Retries: only for transient failures (oned unreachable after the gateway's own retries, Redis hiccups), with
 exponential backoff and full jitter, capped at 30 s (no long countdowns: REFERENCE §6), bounded by `max_retries`.
-Past that the incident stays due and the dispatcher's watchdog sends it again after its lease.
+Past that the incident stays due and the dispatcher's watchdog sends it again after its lease. Redis being
+unreachable is ridden out in place first (`_through_redis_outage`): Redis is the broker too, so a retry could
+not even be published.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,14 +25,12 @@ from workers.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 5
+REDIS_OUTAGE_S = 30.0  # a Redis restart or Sentinel failover is ridden out in place for this long
 
 
 def run_task(task: Task, fn: Callable[..., str], *args: Any) -> str:
     try:
-        rt = get_runtime()
-        if task.name != TASK_RECOVER_HOST:
-            rt.mark_vm_queue_moving()
-        return fn(rt, *args)
+        return _through_redis_outage(task, fn, *args)
     except LeaseLost as exc:
         log.warning("%s%s: %s; stopping (another worker holds it now)", task.name, list(args), exc)
         return "lease_lost"
@@ -39,6 +40,30 @@ def run_task(task: Task, fn: Callable[..., str], *args: Any) -> str:
             log.warning("%s%s: transient failure (%s), retry in %.1fs", task.name, list(args), exc, countdown)
             raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from None
         raise
+
+
+def _through_redis_outage(task: Task, fn: Callable[..., str], *args: Any) -> str:
+    """Run the flow; if Redis is unreachable, run it again in place once it is back (up to REDIS_OUTAGE_S).
+
+    Redis is also the broker: `task.retry` would fail to publish and Celery would drop the message, leaving the
+    work to the incident watchdog a lease later. The flows are idempotent, so running one again from the start
+    is safe, and the message stays unacknowledged meanwhile.
+    """
+    deadline = time.monotonic() + REDIS_OUTAGE_S
+    delay_s = 0.2
+    while True:
+        try:
+            rt = get_runtime()
+            if task.name != TASK_RECOVER_HOST:
+                rt.mark_vm_queue_moving()
+            return fn(rt, *args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay_s > deadline:
+                raise
+            log.warning("%s%s: redis unavailable (%s), again in %.1fs", task.name, list(args),
+                        type(exc).__name__, delay_s)
+            time.sleep(delay_s)  # backoff while Redis is down
+            delay_s = min(delay_s * 2, 5.0)
 
 
 @app.task(bind=True, name=TASK_RECOVER_HOST, max_retries=MAX_RETRIES, acks_late=True)
