@@ -339,6 +339,25 @@ class IncidentStore:
         self.audit(incident_id, "approved")
         return self.get(incident_id) or inc
 
+    # Pause (maintenance) ------------------------------------------------------------------------------------
+    def pause(self, reason: str) -> None:
+        """Stop all recovery actions (fencing included) until `resume`; incidents still open and wait."""
+        self.r.set(self.keys.paused, json.dumps({"at": round(time.time(), 3), "reason": reason}))
+
+    def paused(self) -> dict[str, Any] | None:
+        raw = self.r.get(self.keys.paused)
+        return json.loads(raw) if raw else None
+
+    def resume(self) -> list[int]:
+        """Lift the pause; incidents held or interrupted by it are due at once (those in their grace period keep
+        their due time; a failed fence still needs `approve`). Returns their ids."""
+        self.r.delete(self.keys.paused)
+        now = time.time()
+        ready = [inc.id for inc in self.open_incidents() if inc.status not in (Status.WAITING, Status.FENCE_FAILED)]
+        for incident_id in ready:
+            self.schedule(incident_id, now)
+        return ready
+
     # Worker updates ------------------------------------------------------------------------------------------
     def set_status(self, incident_id: int, status: Status, detail: str = "", **fields: Any) -> None:
         mapping: dict[Any, Any] = {"status": status.value, "updated_at": time.time(), **fields}

@@ -1,4 +1,5 @@
-"""`oneha incidents [list [--all] [--json]] | show ID [--json] | approve ID`: what the subscriber and workers did."""
+"""`oneha incidents [list [--all] [--json]] | show ID [--json] | approve ID | pause --reason TEXT | resume`:
+what the subscriber and workers did, and the operator's levers on it."""
 
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ def list_cmd(config: Path | None, show_all: bool = False, as_json: bool = False,
                       str(inc.reports), inc.source, _when(inc.opened_at), _when(inc.due_at), inc.detail[:60])
     console = Console()
     console.print(table)
+    pause = store.paused()
+    if pause is not None:
+        console.print(f"[bold red]RECOVERY PAUSED[/] since {_when(pause.get('at'))}: {pause.get('reason', '')} "
+                      "(`oneha incidents resume` to act again)")
     console.print(_alive(store), highlight=False)
 
 
@@ -145,3 +150,25 @@ def approve(config: Path | None, incident_id: int) -> None:
         _fail(str(exc))
         return
     click.echo(f"incident {inc.id} approved ({inc.status.value})")
+
+
+@incidents.command()
+@click.option("--reason", required=True, help="Why (shown in `oneha incidents` and in every held incident).")
+@click.pass_obj
+def pause(config: Path | None, reason: str) -> None:
+    """Pause all recovery (maintenance): failures still open incidents, nothing is fenced or recovered."""
+    store = _store(config)
+    store.pause(reason)
+    click.echo("recovery paused: incidents open and wait; workers fence and recover nothing (within "
+               "a second) until `oneha incidents resume`")
+
+
+@incidents.command()
+@click.pass_obj
+def resume(config: Path | None) -> None:
+    """Lift a pause: held and interrupted incidents are dispatched again at once."""
+    store = _store(config)
+    was = store.paused()
+    ready = store.resume()
+    state = "recovery resumed" if was is not None else "recovery was not paused"
+    click.echo(f"{state}; {len(ready)} open incident(s) due now")

@@ -60,6 +60,11 @@ class Keys:
         return f"{self.prefix}:handled:{resource}"
 
     @property
+    def paused(self) -> str:
+        """String: JSON {at, reason} while an operator has paused all recovery (`oneha incidents pause`)."""
+        return f"{self.prefix}:paused"
+
+    @property
     def due(self) -> str:
         """Sorted set: open incident id scored by when it next needs a worker (grace end, lease expiry, recheck)."""
         return f"{self.prefix}:due"

@@ -3,6 +3,8 @@ worker's metrics endpoint reports what was done. Lab cloud, real Redis, `oneha w
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from tests.workerkit import worker_stack
 
 pytestmark = pytest.mark.slow
 LAB = {"monitoring_interval_s": 0.5, "step_delay_s": 0.05}
+ONEHA = [sys.executable, "-m", "oneha"]
 
 
 def host_in_error(url: str, host: int) -> bool:
@@ -153,3 +156,54 @@ def test_redis_restarted_under_running_workers_mid_recovery(tmp_path: Path) -> N
             assert len(acted) == len(vms)  # each VM recreated exactly once
     finally:
         server.stop()
+
+
+def test_pause_holds_every_action_until_resume(tmp_path: Path, redis_url: str) -> None:
+    """Maintenance: once recovery is paused, a recovery under way stops before its next action and a host that
+    fails meanwhile is neither fenced nor recovered; `resume` finishes both, each VM recreated once."""
+    with running_lab(hosts=5, **LAB) as lab:
+        url = lab.rpc_url
+        first = [call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"}) for _ in range(20)]
+        second = [call(url, "lab.vm.create", {"HOST": 2, "STATE": "RUNNING"}) for _ in range(5)]
+        with worker_stack(tmp_path, redis_url, url, workers=1, concurrency=2,
+                          worker={"storm_max_share": 1.0, "storm_recheck_s": 0.5}) as stack:
+            def incidents_cli(*args: str) -> str:
+                done = subprocess.run([*ONEHA, "incidents", "--config", str(tmp_path / "oneha.toml"), *args],
+                                      capture_output=True, text=True, timeout=30)
+                assert done.returncode == 0, done.stderr
+                return done.stdout
+
+            call(url, "lab.faults", {"latency_ms": 60})
+            call(url, "lab.host.kill", 1)
+            wait_until(lambda: host_in_error(url, 1), 10, what="host 1 in ERROR")
+            a = stack.report_host(1)
+            wait_until(lambda: len(stack.store.vm_records(a)) >= 2, 30, what="recovery under way")
+            incidents_cli("pause", "--reason", "front-end maintenance")
+            assert "RECOVERY PAUSED" in incidents_cli("list") and "front-end maintenance" in incidents_cli("list")
+
+            def drained() -> bool:  # every VM task left has stopped at the gate
+                stopped = {e["vm"] for e in stack.store.log(a) if e.get("event") == "paused"}
+                pending = {int(v) for v in stack.client.smembers(stack.store.keys.incident_pending_vms(a))}
+                return bool(pending) and pending <= stopped
+
+            wait_until(drained, 30, what="VM tasks stopped by the pause")
+            acted_while_pausing = len(stack.store.vm_records(a))
+            assert acted_while_pausing < len(first), "the pause came too late to test anything"
+            call(url, "lab.host.kill", 2)
+            wait_until(lambda: host_in_error(url, 2), 10, what="host 2 in ERROR")
+            b = stack.report_host(2)
+            held = stack.wait_status(b, "held")
+            assert "paused" in held.detail
+            calls = call(url, "lab.stats")["calls"]
+            assert calls.get("one.vm.recover", 0) == acted_while_pausing  # nothing acted since
+            assert calls.get("lab.host.fence", 0) == 1  # host 1 only: host 2 was not fenced
+
+            assert "resumed" in incidents_cli("resume")
+            for inc in (a, b):
+                closed = stack.wait_closed(inc, timeout_s=60)
+                assert closed.status.value == "recovered", closed.detail
+            call(url, "lab.faults", {"latency_ms": 0})
+        o = call(url, "lab.oracle")
+        assert o["duplicates"] == []
+        acted = [vid for _, kind, vid, state in o["timeline"] if kind == "vm" and state == "ACTIVE/CLEANUP_RESUBMIT"]
+        assert sorted(acted) == sorted(first + second)  # each VM recreated exactly once

@@ -29,7 +29,7 @@ from oneha.settings import ClusterPolicy
 from workers.fence import FenceResult, run_fence
 from workers.hooks import step
 from workers.oned import OnedError
-from workers.runtime import Flow, Runtime
+from workers.runtime import Flow, Paused, Runtime
 from workers.vm_steps import claim_vm, recover_vm_of_host, release_vm, select_vms
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,9 @@ def _host_flow(flow: Flow) -> str:
     rt, inc = flow.rt, flow.incident
     policy = rt.settings.policy.for_cluster(inc.cluster_id)
     if inc.status is Status.RECOVERING:
+        if _paused(rt) is not None:
+            rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
+            return "paused"  # its VM tasks stopped at the gate; `resume` makes it due again
         redispatch_pending(flow)
         return "redispatched"
     fenced = bool(inc.extra.get("fenced_at"))
@@ -231,11 +234,11 @@ def _host_flow(flow: Flow) -> str:
     if not fenced:
         reason = check_storm(flow, host, pool)
         if reason is not None:
-            if inc.status is not Status.HELD:
-                rt.hooks.alert(flow, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
-            rt.store.set_status(inc.id, Status.HELD, reason)
-            rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
-            return "held"
+            return _hold(flow, reason, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
+    paused = _paused(rt)
+    if paused is not None:  # before fencing: powering a host off is an action too
+        return _hold(flow, paused, f"host {host.id} failed while recovery is paused ({paused}); held until "
+                                   "`oneha incidents resume`")
     rt.store.set_status(inc.id, Status.RUNNING)
     # Read the VMs (and, for migrate, the datastores) while the fence command runs: reading changes nothing, and
     # nothing below acts before the fence succeeded. Each VM task re-reads its VM again before acting.
@@ -266,6 +269,24 @@ def _host_flow(flow: Flow) -> str:
     flow.check_lease()
     dispatch_vm_recoveries(flow, vms)
     return "dispatched"
+
+
+def _hold(flow: Flow, reason: str, alert: str) -> str:
+    """HELD, looked at again every `storm_recheck_s`; the alert only when it becomes held."""
+    rt, inc = flow.rt, flow.incident
+    if inc.status is not Status.HELD:
+        rt.hooks.alert(flow, alert)
+    rt.store.set_status(inc.id, Status.HELD, reason)
+    rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
+    return "held"
+
+
+def _paused(rt: Runtime) -> str | None:
+    try:
+        rt.check_not_paused()
+    except Paused as exc:
+        return str(exc)
+    return None
 
 
 def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
@@ -305,6 +326,10 @@ def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
         pipe = rt.redis.pipeline(transaction=False)
         rt.hooks.recovery(flow, vm_id, outcome.action, outcome.result, record, pipe=pipe)
         _finish_vm(flow, vm_id, record, pipe)
+    except Paused:
+        lease.release()  # the VM stays pending: the host incident sends it again after `resume`
+        rt.store.audit(incident_id, "paused", vm=vm_id)
+        raise
     except BaseException:
         lease.release()  # the claim stays until it expires: a retry of this incident takes it again
         raise

@@ -25,6 +25,13 @@ from workers.oned import OnedGateway
 
 log = logging.getLogger(__name__)
 
+PAUSE_CHECK_S = 0.5  # how stale a process's view of the pause flag may be: a pause acts within this
+
+
+class Paused(Exception):
+    """An operator paused recovery (`oneha incidents pause`): act on nothing, leave the incident to wait."""
+
+
 Sender = Callable[[str, list[Any], str], None]  # task name, args, queue
 BulkSender = Callable[[str, list[list[Any]], str], None]  # task name, args of each task (in order), queue
 
@@ -42,6 +49,7 @@ class Runtime:
     _extended: dict[int, float] = field(default_factory=dict, repr=False)
     _extend_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _moving_marked_at: float = field(default=0.0, repr=False)
+    _pause_seen: tuple[float, dict[str, Any] | None] = field(default=(-1e9, None), repr=False)
 
     @classmethod
     def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
@@ -81,6 +89,17 @@ class Runtime:
                 if len(self._extended) > 10_000:
                     self._extended.clear()
         self.store.schedule(incident_id, time.time() + lease + extra_s)
+
+    def check_not_paused(self) -> None:
+        """Raise Paused while recovery is paused. Asks Redis at most every PAUSE_CHECK_S per process, so the gate
+        before each action costs no round trip on the critical path of a recovery."""
+        now = time.monotonic()
+        seen_at, pause = self._pause_seen
+        if now - seen_at >= PAUSE_CHECK_S:
+            pause = self.store.paused()
+            self._pause_seen = (now, pause)
+        if pause is not None:
+            raise Paused(f"recovery paused by an operator: {pause.get('reason') or 'no reason given'}")
 
     def mark_vm_queue_moving(self) -> None:
         """A task from the VM queue starts: say so in `keys.vm_queue_moving` (read by a host incident's re-run).

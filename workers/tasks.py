@@ -21,7 +21,7 @@ from oneha.keys import TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT
 from workers.app import app
 from workers.lock import LeaseLost
 from workers.oned import full_jitter, is_transient
-from workers.runtime import get_runtime
+from workers.runtime import Paused, get_runtime
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 5
@@ -34,6 +34,9 @@ def run_task(task: Task, fn: Callable[..., str], *args: Any) -> str:
     except LeaseLost as exc:
         log.warning("%s%s: %s; stopping (another worker holds it now)", task.name, list(args), exc)
         return "lease_lost"
+    except Paused as exc:  # a VM task of a host incident: the VM stays pending, the host incident re-sends it
+        log.warning("%s%s: %s; stopping before acting", task.name, list(args), exc)
+        return "paused"
     except Exception as exc:
         if is_transient(exc) or isinstance(exc, redis.ConnectionError | redis.TimeoutError):
             countdown = full_jitter(task.request.retries, 1.0, 30.0)

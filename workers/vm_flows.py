@@ -17,7 +17,7 @@ from oneha.incidents import Kind, Status
 from oneha.opennebula import FAILURE_LCM_STATES, HOST_OPERATOR_STATES, LcmState, VmState, VmView
 from workers.hooks import step
 from workers.oned import OnedError
-from workers.runtime import Flow, Runtime
+from workers.runtime import Flow, Paused, Runtime
 from workers.vm_steps import act, claim_vm, confirm, release_vm
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def handle_vm_incident(rt: Runtime, incident_id: int) -> str:
         flow = Flow(rt, inc, lease)
         rt.extend(inc.id)
         try:
+            rt.check_not_paused()  # before claiming the VM, not only before acting on it
             if inc.kind is Kind.VM_FAILURE:
                 return vm_failure_flow(flow)
             return vm_crash_flow(flow)
@@ -44,6 +45,10 @@ def handle_vm_incident(rt: Runtime, incident_id: int) -> str:
                 raise
             # Deleted from oned: nothing left to do, and raising would re-dispatch it every lease for ever.
             return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "none", "gone", handled=False)
+        except Paused as exc:
+            rt.store.set_status(inc.id, Status.HELD, str(exc))
+            rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
+            return "held"
         finally:
             release_vm(flow, inc.resource_id)
 

@@ -142,8 +142,9 @@ def read_vm(flow: Flow, vm_id: int) -> VmView | None:
 
 
 def _mutate(flow: Flow, vm: VmView, what: str) -> bool:
-    """Last gate before a mutating call: lease token, dry-run. True = go ahead."""
+    """Last gate before a mutating call: lease token, pause, dry-run. True = go ahead."""
     flow.check_lease()
+    flow.rt.check_not_paused()
     if flow.rt.settings.worker.dry_run:
         log.warning("DRY RUN incident %s: would %s VM %s (%s)", flow.incident.id, what, vm.id, vm.state_name)
         flow.rt.store.audit(flow.incident.id, "dry_run", vm=vm.id, would=what, state=vm.state_name)
