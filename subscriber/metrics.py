@@ -32,6 +32,7 @@ RECONCILE_DURATION = Histogram("oneha_reconcile_duration_seconds", "One reconcil
 ZMQ_RECONNECTS = Counter("oneha_zmq_reconnects", "ZeroMQ connections re-established after a disconnect.")
 LAST_EVENT = Gauge("oneha_subscriber_last_event_timestamp_seconds", "When the last event was received.")
 INCIDENTS_OPEN = Gauge("oneha_incidents_open", "Open incidents by kind and status.", ["kind", "status"])
+RECOVERY_PAUSED = Gauge("oneha_recovery_paused", "1 while an operator has paused recovery (`oneha incidents pause`).")
 QUEUE_LENGTH = Gauge("oneha_queue_length", "Messages waiting in a Celery queue.", ["queue"])
 TASKS_SENT = Counter("oneha_tasks_sent", "Celery tasks sent for due incidents.", ["task"])
 ONED_ERRORS = Counter("oneha_subscriber_oned_errors", "Failed oned calls of the subscriber.", ["component"])

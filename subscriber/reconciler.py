@@ -112,7 +112,7 @@ class Reconciler:
                 self._next_full = time.monotonic() + self.full_interval_s
             log.info("reconcile pass", extra=kv(**stats.as_dict()))
             done.append(stats)
-        self._gauges()
+        self.gauges()
         self.passes += 1
         return done
 
@@ -192,12 +192,13 @@ class Reconciler:
         if result.outcome is Outcome.OPENED:
             log.info("reconciler found an unreported failure", extra=kv(incident=result.incident_id))
 
-    def _gauges(self) -> None:
+    def gauges(self) -> None:
         try:
             counts = self.open_counts()
             metrics.INCIDENTS_OPEN.clear()
             for (kind, status), n in counts.items():
                 metrics.INCIDENTS_OPEN.labels(kind, status).set(n)
+            metrics.RECOVERY_PAUSED.set(0 if self.store.paused() is None else 1)
             if self.broker is not None:
                 pipe = self.broker.pipeline(transaction=False)
                 for queue in (HOST_QUEUE, VM_QUEUE):

@@ -3,13 +3,18 @@ leader moved) that the SUB socket survives: counted as a reconnect, and events a
 
 from __future__ import annotations
 
+import threading
+
+import redis
 import requests
 import zmq
 
+from oneha.incidents import IncidentStore
 from oneha.redis_server import free_port
 from oneha.waiting import wait_until
+from subscriber.reconciler import Reconciler
 from subscriber.service import Service
-from tests.test_subscriber_kit import host_message, incidents, settings, sync
+from tests.test_subscriber_kit import host_message, incidents, metric, settings, sync
 
 
 def scrape(port: int) -> str:
@@ -66,3 +71,16 @@ def test_metrics_endpoint_and_reconnect_after_a_publisher_restart(redis_url: str
     finally:
         svc.stop()
         pub.close(linger=0)
+
+
+def test_recovery_paused_gauge_follows_pause_and_resume(redis_url: str) -> None:
+    """The gauge behind the OnehaRecoveryPaused alert: a forgotten pause must not go unnoticed."""
+    r = redis.Redis.from_url(redis_url)
+    store = IncidentStore(r)
+    reconciler = Reconciler(lambda: None, None, store, 30.0, 300.0, threading.Event())  # type: ignore[arg-type]
+    store.pause("maintenance")
+    reconciler.gauges()
+    assert metric("oneha_recovery_paused") == 1
+    store.resume()
+    reconciler.gauges()
+    assert metric("oneha_recovery_paused") == 0
