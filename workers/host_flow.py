@@ -9,7 +9,7 @@ At-least-once delivery: the host lock (lease + fencing token) keeps two copies o
 together; progress markers on the incident (`fenced_at`, status RECOVERING, the pending set) make a re-run continue
 instead of replaying; VM tasks are idempotent (pending set, VM lock, re-read before acting). The incident's due time
 is the watchdog: while we work it is pushed a lease ahead; if a worker dies it comes due and the dispatcher sends the
-host task again, which re-sends the VM tasks still pending.
+host task again, which re-sends the VM tasks that were lost (`redispatch_pending`).
 """
 
 from __future__ import annotations
