@@ -59,7 +59,9 @@ def test_resched_on_shared_datastore_migrates_from_unknown() -> None:
         call(lab.rpc_url, "lab.host.kill", 0)
         wait_until(lambda: vm_is(one, 0, VmState.ACTIVE, LcmState.UNKNOWN), 5, what="UNKNOWN")
         one.vm.action("resched", 0)
-        assert int(one.vm.info(0).RESCHED) == 1
+        vm = one.vm.info(0)
+        # The flag is up until the scheduler's next tick takes the VM (and clears it): that may be before this read.
+        assert int(vm.RESCHED) == 1 or int(vm.LCM_STATE) != LcmState.UNKNOWN
         wait_until(lambda: vm_is(one, 0, VmState.ACTIVE, LcmState.RUNNING), 5, what="migrated")
         hist = one.vm.info(0).HISTORY_RECORDS.HISTORY
         assert [int(h.HID) for h in hist] == [0, 2]  # same cluster, new history record
