@@ -59,12 +59,12 @@ def test_semaphore_caps_and_reaps_dead_holders(redis_client: redis.Redis) -> Non
     assert sem.holders() == 0
 
 
-def test_semaphore_bounds_concurrency_across_threads(redis_client: redis.Redis) -> None:
-    sem = OnedSemaphore(redis_client, Keys().oned_semaphore, cap=3, ttl_s=10)
+def peak_holders(sem: OnedSemaphore, threads: int, rounds: int = 5) -> int:
+    """Most slots held at once while `threads` threads each take and release one `rounds` times."""
     inside, peak, lock = [0], [0], threading.Lock()
 
     def work() -> None:
-        for _ in range(5):
+        for _ in range(rounds):
             holder = sem.acquire(10)
             with lock:
                 inside[0] += 1
@@ -74,12 +74,17 @@ def test_semaphore_bounds_concurrency_across_threads(redis_client: redis.Redis) 
                 inside[0] -= 1
             sem.release(holder)
 
-    threads = [threading.Thread(target=work) for _ in range(10)]
-    for t in threads:
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
-    assert peak[0] == 3
+    return peak[0]
+
+
+def test_semaphore_bounds_concurrency_across_threads(redis_client: redis.Redis) -> None:
+    sem = OnedSemaphore(redis_client, Keys().oned_semaphore, cap=3, ttl_s=10)
+    assert peak_holders(sem, threads=10) == 3
 
 
 def test_semaphore_kept_slots_count_toward_the_cap_and_are_handed_back(redis_client: redis.Redis) -> None:
@@ -94,26 +99,8 @@ def test_semaphore_kept_slots_count_toward_the_cap_and_are_handed_back(redis_cli
     sem.release(first)
     wait_until(lambda: sem.holders() == 2, 2, what="the idle slot handed back")
     assert other.try_acquire("z")
-    inside, peak, lock = [0], [0], threading.Lock()
-
-    def work() -> None:
-        for _ in range(5):
-            holder = sem.acquire(10)
-            with lock:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            time.sleep(0.01)
-            with lock:
-                inside[0] -= 1
-            sem.release(holder)
-
     redis_client.delete(Keys().oned_semaphore)
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak[0] == 3
+    assert peak_holders(sem, threads=8) == 3
     wait_until(lambda: sem.holders() == 0, 2, what="all kept slots handed back")
 
 

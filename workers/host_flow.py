@@ -213,7 +213,7 @@ def _host_flow(flow: Flow) -> str:
     rt, inc = flow.rt, flow.incident
     policy = rt.settings.policy.for_cluster(inc.cluster_id)
     if inc.status is Status.RECOVERING:
-        if _paused(rt) is not None:
+        if rt.pause_reason() is not None:
             rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
             return "paused"  # its VM tasks stopped at the gate; `resume` makes it due again
         redispatch_pending(flow)
@@ -235,7 +235,7 @@ def _host_flow(flow: Flow) -> str:
         reason = check_storm(flow, host, pool)
         if reason is not None:
             return _hold(flow, reason, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
-    paused = _paused(rt)
+    paused = rt.pause_reason()
     if paused is not None:  # before fencing: powering a host off is an action too
         return _hold(flow, paused, f"host {host.id} failed while recovery is paused ({paused}); held until "
                                    "`oneha incidents resume`")
@@ -279,14 +279,6 @@ def _hold(flow: Flow, reason: str, alert: str) -> str:
     rt.store.set_status(inc.id, Status.HELD, reason)
     rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
     return "held"
-
-
-def _paused(rt: Runtime) -> str | None:
-    try:
-        rt.check_not_paused()
-    except Paused as exc:
-        return str(exc)
-    return None
 
 
 def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:

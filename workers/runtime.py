@@ -90,16 +90,22 @@ class Runtime:
                     self._extended.clear()
         self.store.schedule(incident_id, time.time() + lease + extra_s)
 
-    def check_not_paused(self) -> None:
-        """Raise Paused while recovery is paused. Asks Redis at most every PAUSE_CHECK_S per process, so the gate
-        before each action costs no round trip on the critical path of a recovery."""
+    def pause_reason(self) -> str | None:
+        """Why recovery is paused, or None. Asks Redis at most every PAUSE_CHECK_S per process, so the gate before
+        each action costs no round trip on the critical path of a recovery."""
         now = time.monotonic()
         seen_at, pause = self._pause_seen
         if now - seen_at >= PAUSE_CHECK_S:
             pause = self.store.paused()
             self._pause_seen = (now, pause)
-        if pause is not None:
-            raise Paused(f"recovery paused by an operator: {pause.get('reason') or 'no reason given'}")
+        if pause is None:
+            return None
+        return f"recovery paused by an operator: {pause.get('reason') or 'no reason given'}"
+
+    def check_not_paused(self) -> None:
+        reason = self.pause_reason()
+        if reason is not None:
+            raise Paused(reason)
 
     def mark_vm_queue_moving(self) -> None:
         """A task from the VM queue starts: say so in `keys.vm_queue_moving` (read by a host incident's re-run).

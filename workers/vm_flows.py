@@ -75,17 +75,21 @@ def check_loop_protection(flow: Flow, vm_id: int) -> int:
     """Recoveries of this VM by other incidents within the window (ours does not count)."""
     w = flow.rt.settings.worker
     key = flow.rt.keys.vm_recoveries(vm_id)
-    now = time.time()
-    flow.rt.redis.zremrangebyscore(key, "-inf", now - w.vm_failure_window_s)
-    members = flow.rt.redis.zrangebyscore(key, now - w.vm_failure_window_s, "+inf")
+    since = time.time() - w.vm_failure_window_s
+    pipe = flow.rt.redis.pipeline(transaction=False)
+    pipe.zremrangebyscore(key, "-inf", since)
+    pipe.zrangebyscore(key, since, "+inf")
+    members = pipe.execute()[1]
     return sum(1 for m in members if m != str(flow.incident.id))
 
 
 def _count_recovery(flow: Flow, vm_id: int) -> None:
     w = flow.rt.settings.worker
     key = flow.rt.keys.vm_recoveries(vm_id)
-    flow.rt.redis.zadd(key, {str(flow.incident.id): time.time()})
-    flow.rt.redis.expire(key, int(w.vm_failure_window_s) + 60)
+    pipe = flow.rt.redis.pipeline(transaction=False)
+    pipe.zadd(key, {str(flow.incident.id): time.time()})
+    pipe.expire(key, int(w.vm_failure_window_s) + 60)
+    pipe.execute()
 
 
 def vm_failure_flow(flow: Flow) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
@@ -141,49 +141,38 @@ def read_vm(flow: Flow, vm_id: int) -> VmView | None:
     return flow.rt.oned.reader.get(vm_id)
 
 
-def _mutate(flow: Flow, vm: VmView, what: str) -> bool:
-    """Last gate before a mutating call: lease token, pause, dry-run. True = go ahead."""
+def _mutate(flow: Flow, vm: VmView, what: str, call: Callable[[], object]) -> bool:
+    """The one mutating call of a step, behind the last gate: lease token, pause, dry-run. False = not made."""
     flow.check_lease()
     flow.rt.check_not_paused()
     if flow.rt.settings.worker.dry_run:
         log.warning("DRY RUN incident %s: would %s VM %s (%s)", flow.incident.id, what, vm.id, vm.state_name)
         flow.rt.store.audit(flow.incident.id, "dry_run", vm=vm.id, would=what, state=vm.state_name)
         return False
+    call()
     return True
 
 
 @step("recreate_vm")
 def recreate_vm(flow: Flow, vm: VmView) -> bool:
-    if not _mutate(flow, vm, "recover 4 (recreate)"):
-        return False
-    flow.rt.oned.vm_recover(vm.id, RecoverOp.DELETE_RECREATE)
-    return True
+    return _mutate(flow, vm, "recover 4 (recreate)", lambda: flow.rt.oned.vm_recover(vm.id, RecoverOp.DELETE_RECREATE))
 
 
 @step("delete_vm")
 def delete_vm(flow: Flow, vm: VmView) -> bool:
-    if not _mutate(flow, vm, "recover 3 (delete)"):
-        return False
-    flow.rt.oned.vm_recover(vm.id, RecoverOp.DELETE)
-    return True
+    return _mutate(flow, vm, "recover 3 (delete)", lambda: flow.rt.oned.vm_recover(vm.id, RecoverOp.DELETE))
 
 
 @step("migrate_vm")
 def migrate_vm(flow: Flow, vm: VmView) -> bool:
     if vm.resched:
         return True  # already asked: the scheduler will move it
-    if not _mutate(flow, vm, "resched (migrate)"):
-        return False
-    flow.rt.oned.vm_action("resched", vm.id)
-    return True
+    return _mutate(flow, vm, "resched (migrate)", lambda: flow.rt.oned.vm_action("resched", vm.id))
 
 
 @step("resume_vm")
 def resume_vm(flow: Flow, vm: VmView) -> bool:
-    if not _mutate(flow, vm, "resume"):
-        return False
-    flow.rt.oned.vm_action("resume", vm.id)
-    return True
+    return _mutate(flow, vm, "resume", lambda: flow.rt.oned.vm_action("resume", vm.id))
 
 
 ACTIONS = {"recreate": recreate_vm, "delete": delete_vm, "migrate": migrate_vm, "resume": resume_vm}
