@@ -130,6 +130,7 @@ class Vm:
     sticky_fail: Any = None  # an LcmState *_FAILURE every later pass through its stage ends in
     xml_full: str | None = None
     xml_short: str | None = None
+    xml_pool_ext: str | None = None
 
     @property
     def hid(self) -> int | None:
@@ -292,7 +293,7 @@ class Cloud:
         self.timeline.append((time.time(), kind, oid, name))
 
     def _touch_vm(self, vm: Vm) -> None:
-        vm.xml_full = vm.xml_short = None
+        vm.xml_full = vm.xml_short = vm.xml_pool_ext = None
         self.rendered_version += 1
 
     def _touch_host(self, host: Host) -> None:

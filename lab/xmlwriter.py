@@ -4,8 +4,15 @@ Independent of `oneha.opennebula`'s parser on purpose: a bug in one must not be 
 Strings are built by hand (no DOM) and cached per object in the model, invalidated on every change, so
 `one.hostpool.info` at 1,000 hosts is a join of cached strings.
 
-Pool bodies are short as oned's (`vm_pool.xsd`: reduced VM, only the last HISTORY with fewer fields);
-`.info` bodies are full (`vm.xsd`, all history records). Hosts have one form (`host.xsd`).
+VM bodies come in oned's three forms (`include/VirtualMachine.h`, `include/VirtualMachinePool.h`):
+- short (`one.vmpool.info`, `one.vmpool.infoset(ids, false)`; `VirtualMachine::to_xml_short` in
+  `src/vm/VirtualMachine.cc`): no PERMISSIONS/PREV_*, a TEMPLATE of CPU/MEMORY/VCPU only, a USER_TEMPLATE cut down to
+  the attributes Sunstone and the scheduler need (`VirtualMachineTemplate::to_xml_short`,
+  `src/vm/VirtualMachineTemplate.cc`: so no HA, no HA_PRIORITY), the last HISTORY with fewer fields;
+- pool extended (`one.vmpool.infoextended`, `one.vmpool.infoset(ids, true)`: the stored `body`, i.e.
+  `to_xml_extended(xml, 1, …)`): the whole VM with its last history record only;
+- info (`one.vm.info`, and the hook message's body, `src/hm/HookStateVM.cc`): the whole VM, every history record.
+Hosts have one form (`host.xsd`).
 """
 
 from __future__ import annotations
@@ -79,13 +86,35 @@ def host_pool_xml(cloud: Cloud) -> str:
 # VMs (vm.xsd for .info, vm_pool.xsd for pools)
 
 def vm_xml(cloud: Cloud, vm: Vm, full: bool) -> str:
+    """`full`: the `one.vm.info` body (every history record); else the short pool body."""
     if full:
         if vm.xml_full is None:
-            vm.xml_full = _vm_full(vm)
+            vm.xml_full = _vm_full(vm, vm.history)
         return vm.xml_full
     if vm.xml_short is None:
         vm.xml_short = _vm_short(vm)
     return vm.xml_short
+
+
+def vm_xml_pool_extended(vm: Vm) -> str:
+    """The extended pool body: the whole VM, but only its current history record (n_history = 1)."""
+    if vm.xml_pool_ext is None:
+        vm.xml_pool_ext = _vm_full(vm, vm.history[-1:])
+    return vm.xml_pool_ext
+
+
+# USER_TEMPLATE attributes the short body keeps (`VirtualMachineTemplate::to_xml_short`): the first three only when
+# not empty. SCHED_ACTION (a vector attribute) is kept too; the lab's user templates are flat, so it never has one.
+SHORT_USER_NONEMPTY = ("LABELS", "ERROR", "SCHED_MESSAGE")
+SHORT_USER_PRESENT = ("SCHED_RANK", "SCHED_DS_RANK", "SCHED_REQUIREMENTS", "SCHED_DS_REQUIREMENTS", "USER_PRIORITY")
+
+
+def _short_user_template(values: dict[str, str]) -> str:
+    if not values:
+        return "<USER_TEMPLATE/>"
+    kept = {k: values[k] for k in SHORT_USER_NONEMPTY if values.get(k)}
+    kept |= {k: values[k] for k in SHORT_USER_PRESENT if k in values}
+    return template("USER_TEMPLATE", kept)
 
 
 def _vm_head(vm: Vm, full: bool) -> str:
@@ -99,8 +128,8 @@ def _vm_head(vm: Vm, full: bool) -> str:
             f"<STIME>{vm.stime}</STIME><ETIME>{vm.etime}</ETIME><DEPLOY_ID>{deploy_id}</DEPLOY_ID>")
 
 
-def _vm_full(vm: Vm) -> str:
-    history = "".join(_history_full(vm, h) for h in vm.history)
+def _vm_full(vm: Vm, records: list[History]) -> str:
+    history = "".join(_history_full(vm, h) for h in records)
     return (f"<VM>{_vm_head(vm, True)}<MONITORING/><SCHED_ACTIONS/>{template('TEMPLATE', vm.template)}"
             f"{template('USER_TEMPLATE', vm.user_template)}<HISTORY_RECORDS>{history}</HISTORY_RECORDS>"
             "<BACKUPS><BACKUP_CONFIG/><BACKUP_IDS/></BACKUPS></VM>")
@@ -108,9 +137,10 @@ def _vm_full(vm: Vm) -> str:
 
 def _vm_short(vm: Vm) -> str:
     last = _history_short(vm, vm.history[-1]) if vm.history else ""
-    tmpl: dict[str, str] = {k: vm.template[k] for k in ("CPU", "MEMORY", "VCPU") if k in vm.template}
+    # oned writes CPU, MEMORY and VCPU even when empty (then DISK/NIC/GRAPHICS, which lab VMs do not have)
+    tmpl: dict[str, str] = {k: vm.template.get(k, "") for k in ("CPU", "MEMORY", "VCPU")}
     return (f"<VM>{_vm_head(vm, False)}{template('TEMPLATE', tmpl)}<MONITORING/>"
-            f"{template('USER_TEMPLATE', vm.user_template)}<HISTORY_RECORDS>{last}</HISTORY_RECORDS></VM>")
+            f"{_short_user_template(vm.user_template)}<HISTORY_RECORDS>{last}</HISTORY_RECORDS></VM>")
 
 
 def _history_full(vm: Vm, h: History) -> str:
@@ -128,8 +158,9 @@ def _history_short(vm: Vm, h: History) -> str:
             f"<TM_MAD>{h.tm_mad}</TM_MAD><ACTION>{h.action}</ACTION></HISTORY>")
 
 
-def vm_pool_xml(cloud: Cloud, vms: list[Vm], full: bool) -> str:
-    return "<VM_POOL>" + "".join(vm_xml(cloud, v, full) for v in vms) + "</VM_POOL>"
+def vm_pool_xml(cloud: Cloud, vms: list[Vm], extended: bool) -> str:
+    body = (vm_xml_pool_extended(v) if extended else vm_xml(cloud, v, False) for v in vms)
+    return "<VM_POOL>" + "".join(body) + "</VM_POOL>"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -577,11 +577,13 @@ class OnedClient:
     def vm_info(self, vm_id: int) -> VmView:
         return VmView.from_pyone(self.server.vm.info(vm_id))
 
-    def vm_pool_set(self, vm_ids: Iterable[int]) -> list[VmView]:
+    def vm_pool_set(self, vm_ids: Iterable[int], extended: bool = False) -> list[VmView]:
+        """`extended`: whole bodies. The short ones (oned's `to_xml_short`) carry no HA / HA_PRIORITY: any read
+        that decides *whether or in what order* to recover must ask for the extended body."""
         ids = ",".join(str(i) for i in vm_ids)
         if not ids:
             return []
-        pool = self.server.vmpool.infoset(ids, False)
+        pool = self.server.vmpool.infoset(ids, extended)
         return [VmView.from_pyone(v) for v in (pool.VM or [])]
 
     def vm_pool_by_state(self, state: int = -1) -> list[VmView]:

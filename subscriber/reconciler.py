@@ -2,9 +2,10 @@
 
 Fast pass (every reconcile_interval_s): one `one.hostpool.info`. Hosts in ERROR are reported; healthy hosts cancel
 incidents still in their grace period and lose their handled markers. The VMs of hosts in ERROR, DISABLED or
-OFFLINE (from the pool's VMS/ID lists) are read with one `one.vmpool.infoset` per chunk, and those in UNKNOWN or a
-failure state are reported: this covers a missed event and the DISABLED host whose VMs went UNKNOWN with no host
-event at all. Cost: one host pool read plus the VMs of unhealthy hosts only, never the whole VM pool.
+OFFLINE (from the pool's VMS/ID lists) are read with one short `one.vmpool.infoset` per chunk, and those in UNKNOWN or
+a failure state are read again extended (the short body has no HA attribute) and reported: this covers a missed
+event and the DISABLED host whose VMs went UNKNOWN with no host event at all. Cost: one host pool
+read plus the VMs of unhealthy hosts only, never the whole VM pool.
 
 Full pass (every full_scan_interval_s): the ACTIVE VMs of the whole pool, read in ID-range pages
 (`one.vmpool.info(-2, start, end, 3)`: start/end are VM IDs, REFERENCE §4), for crashes on healthy hosts and failure
@@ -182,9 +183,15 @@ class Reconciler:
 
     def _vms(self, vms: list[VmView], stats: PassStats) -> None:
         stats.vms += len(vms)
-        for vm in vms:
-            if _failing(vm):
-                self._feed(VmEvent(vm.id, vm.state, vm.lcm_state, vm), stats)
+        failing = [vm.id for vm in vms if _failing(vm)]
+        # Pool reads give oned's short bodies, which carry no HA / HA_PRIORITY (`to_xml_short`): intake's opt-out
+        # check needs the extended body, read for the failing VMs only (one call per chunk, usually none).
+        for chunk in chunks(failing, INFOSET_CHUNK):
+            extended = self.oned().vm_pool_set(chunk, extended=True)
+            stats.oned_calls += 1
+            for vm in extended:
+                if _failing(vm):
+                    self._feed(VmEvent(vm.id, vm.state, vm.lcm_state, vm), stats)
 
     def _feed(self, event: HostEvent | VmEvent, stats: PassStats) -> None:
         result = self.intake.handle(event, "reconciler")

@@ -102,8 +102,10 @@ def fence_host(flow: Flow, host: HostView, policy: ClusterPolicy) -> FenceResult
 @step("list_vms_to_recover")
 def list_vms_to_recover(flow: Flow, host: HostView, policy: ClusterPolicy,
                         prefetched: Future[list[VmView]] | None = None) -> list[VmView]:
-    """The VMs to recover, from one `vmpool.infoset` read (started while fencing: reading is harmless)."""
-    vms = prefetched.result() if prefetched is not None else flow.rt.oned.vm_pool_set(host.vm_ids)
+    """The VMs to recover, from one extended `vmpool.infoset` read (started while fencing: reading is harmless).
+
+    Extended, because oned's short body has no HA / HA_PRIORITY (`VirtualMachineTemplate::to_xml_short`)."""
+    vms = prefetched.result() if prefetched is not None else flow.rt.oned.vm_pool_set(host.vm_ids, extended=True)
     chosen, opted_out = select_vms(vms, host.id, policy.include_suspended)
     if opted_out:
         flow.rt.store.set_fields(flow.incident.id, opted_out=",".join(str(v.id) for v in opted_out))
@@ -244,7 +246,7 @@ def _host_flow(flow: Flow) -> str:
     # nothing below acts before the fence succeeded. Each VM task re-reads its VM again before acting.
     vms_read: Future[list[VmView]] | None = None
     if policy.host_action != "none":
-        vms_read = _READS.submit(rt.oned.vm_pool_set, host.vm_ids)
+        vms_read = _READS.submit(rt.oned.vm_pool_set, host.vm_ids, extended=True)
         if policy.host_action == "migrate":
             _READS.submit(rt.oned.shared_system_datastores)
     try:

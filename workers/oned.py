@@ -273,12 +273,12 @@ class OnedGateway:
     def vm_info(self, vm_id: int) -> VmView:
         return self.call("one.vm.info", lambda: self.client.vm_info(vm_id))
 
-    def vm_pool_set(self, vm_ids: Iterable[int]) -> list[VmView]:
+    def vm_pool_set(self, vm_ids: Iterable[int], extended: bool = False) -> list[VmView]:
         ids = sorted(set(vm_ids))
         out: list[VmView] = []
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            out.extend(self.call("one.vmpool.infoset", functools.partial(self.client.vm_pool_set, chunk)))
+            out.extend(self.call("one.vmpool.infoset", functools.partial(self.client.vm_pool_set, chunk, extended)))
         return out
 
     def vm_action(self, action: str, vm_id: int) -> None:

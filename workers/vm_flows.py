@@ -104,6 +104,8 @@ def vm_failure_flow(flow: Flow) -> str:
                           policy.vm_failure_action, "recovered")
         return _close(flow, Status.NO_ACTION, f"not in a failure state: {vm.state_name}", vm, "none", "no_action",
                       handled=False)
+    if vm.ha_opt_out:  # the incident may come from a short pool body, which does not show HA (reconciler, old)
+        return _close(flow, Status.NO_ACTION, "opted out: HA = NO", vm, "none", "no_action")
     if policy.vm_failure_action == "none":
         return _close(flow, Status.NO_ACTION, "vm_failure_action = none", vm, "none", "no_action")
     owner = claim_vm(flow, vid)
@@ -185,6 +187,8 @@ def vm_crash_flow(flow: Flow) -> str:
             return _close(flow, Status.RECOVERED, "resumed", vm, "resume", "recovered", handled=False)
         return _close(flow, Status.NO_ACTION, f"not crashed: {vm.state_name}", vm, "none", "no_action",
                       handled=False)
+    if vm.ha_opt_out:
+        return _close(flow, Status.NO_ACTION, "opted out: HA = NO", vm, "none", "no_action")
     owner_reason = check_crash_owner(flow, vm)
     if owner_reason is not None:
         return _close(flow, Status.NO_ACTION, owner_reason, vm, "none", "no_action")
