@@ -80,11 +80,13 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
 @click.option("--step-delay", default=0.2, show_default=True, help="Seconds per transitional VM state.")
 @click.option("--bind", default="127.0.0.1", show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--missing-state", type=click.Choice(["POWEROFF", "UNKNOWN"]), default="POWEROFF", show_default=True,
+              help="What oned makes of a VM whose domain vanished (the VM probe's MISSING_STATE).")
 def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monitoring_interval: float,
-        step_delay: float, bind: str, seed: int) -> None:
+        step_delay: float, bind: str, seed: int, missing_state: str) -> None:
     """Run the lab cloud in the foreground until SIGINT/SIGTERM."""
     cloud = LabCloud(hosts=hosts, vms=vms, clusters=clusters, monitoring_interval_s=monitoring_interval,
-                     step_delay_s=step_delay, seed=seed)
+                     step_delay_s=step_delay, seed=seed, missing_state=missing_state)
     cloud.start(port=port, events_port=events_port, bind=bind)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,10 +143,13 @@ _host_command("fence-host", "lab.host.fence", "Power the host off, as a fence co
 
 @ctl.command(name="crash-vm")
 @click.argument("vm_id", type=int)
+@click.option("--reason", type=click.Choice(["missing", "crashed", "watchdog", "io-error"]), default="missing",
+              show_default=True, help="missing: the domain is gone (oned: POWEROFF, or UNKNOWN if the lab's "
+                                      "MISSING_STATE says so); the others: libvirt reports it crashed (UNKNOWN).")
 @click.pass_obj
-def crash_vm(url: str | None, vm_id: int) -> None:
-    """The VM's domain dies on a healthy host (oned sees UNKNOWN)."""
-    _run(url, "lab.vm.crash", vm_id)
+def crash_vm(url: str | None, vm_id: int, reason: str) -> None:
+    """The VM's domain dies on a healthy host; oned notices on its next VM probe."""
+    _run(url, "lab.vm.crash", vm_id, reason)
 
 
 @ctl.command(name="fail-vm")

@@ -56,7 +56,21 @@ ACTION_NUMBERS = {
     "terminate": 27, "terminate-hard": 28, "undeploy": 5, "undeploy-hard": 6, "hold": 7, "release": 8, "stop": 9,
     "suspend": 10, "resume": 11, "reboot": 15, "reboot-hard": 16, "resched": 17, "unresched": 18,
     "poweroff": 19, "poweroff-hard": 20, "deploy": 30, "recover-delete": 13, "recover-recreate": 14,
+    "monitor": 44,
 }
+# `include/VMActions.h` MONITOR_ACTION: "internal, monitoring process". `trigger_monitor_poweroff`
+# (`src/lcm/LifeCycleStates.cc`) writes it, with uid/gid/req_id -1 (`set_internal_action`), on the history record of a
+# VM the monitor found powered off or missing; an operator's poweroff writes 19/20 with the caller's uid instead.
+ACT_MONITOR = ACTION_NUMBERS["monitor"]
+
+# How a domain stops behind oned's back (`lab.vm.crash` reason). "missing": it is gone (qemu killed, the guest shut
+# itself down: OpenNebula's domains are transient, so a shut-off domain vanishes); the probe reports it after
+# `times_missing` polls as the monitor's MISSING_STATE (`src/im_mad/remotes/lib/probe_db.rb`,
+# `kvm-probes.d/vm/status/state.rb`: "POWEROFF"). The others are libvirt's states/reasons that
+# `src/im_mad/remotes/lib/kvm.rb` maps to FAILURE, which `test_and_trigger` (`src/im/InformationManager.cc`) turns into
+# `trigger_monitor_done`: RUNNING -> UNKNOWN.
+CRASH_REASONS = ("missing", "crashed", "watchdog", "io-error")
+MISSING_STATES = ("POWEROFF", "UNKNOWN")
 
 # Intent: states in which a VM is not supposed to run anywhere (the oracle does not call these "lost").
 NOT_MEANT_TO_RUN = frozenset({VmState.DONE, VmState.POWEROFF, VmState.SUSPENDED, VmState.STOPPED,
@@ -128,6 +142,7 @@ class Vm:
     plan: list[Step] = field(default_factory=list)
     next_at: float = 0.0
     sticky_fail: Any = None  # an LcmState *_FAILURE every later pass through its stage ends in
+    running_since: float = 0.0  # clock() when it last entered RUNNING (history RSTIME: the monitor's guard)
     xml_full: str | None = None
     xml_short: str | None = None
     xml_pool_ext: str | None = None
@@ -151,6 +166,8 @@ FAILURE_OF_STAGE = {  # when a step out of this LCM state fails (host unreachabl
     "PROLOG_UNDEPLOY": "PROLOG_UNDEPLOY_FAILURE", "EPILOG_UNDEPLOY": "EPILOG_UNDEPLOY_FAILURE",
 }
 STAGE_OF_FAILURE = {v: k for k, v in FAILURE_OF_STAGE.items()}
+# A boot that fails on an unreachable host and where oned puts the VM (`trigger_deploy_failure`, LifeCycleStates.cc).
+BOOT_FALLBACK = {"BOOT_UNKNOWN": "UNKNOWN", "BOOT_POWEROFF": "POWEROFF", "BOOT_SUSPENDED": "SUSPENDED"}
 # Failure state -> the stage `recover 2` (retry) re-runs and the step `recover 1` (success) jumps to.
 RETRY_STAGE = STAGE_OF_FAILURE | {"PROLOG_MIGRATE_POWEROFF_FAILURE": "PROLOG_MIGRATE_POWEROFF",
                                   "PROLOG_MIGRATE_SUSPEND_FAILURE": "PROLOG_MIGRATE_SUSPEND"}
@@ -160,9 +177,19 @@ class Cloud:
     """The thread-safe model. Public methods take the lock; `_`-methods expect it held."""
 
     def __init__(self, monitoring_interval_s: float = 2.0, step_delay_s: float = 0.2, seed: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, missing_state: str = "POWEROFF",
+                 state_guard_s: float | None = None) -> None:
+        if missing_state not in MISSING_STATES:
+            raise ValueError(f"missing_state must be one of {MISSING_STATES}, not {missing_state!r}")
         self.lock = threading.RLock()
         self.monitoring_interval_s = monitoring_interval_s
+        # The VM monitor's MISSING_STATE (probe_db.rb; "POWEROFF" unless the cloud configured "UNKNOWN").
+        self.missing_state = missing_state
+        # oned ignores a VM's reported state for 30 s after it started or stopped running (`test_and_trigger`,
+        # `src/im/InformationManager.cc`: RSTIME/RETIME). The lab scales it with its monitoring interval, as it
+        # scales everything else (30 s against a real host-failure detection of about a minute).
+        self.state_guard_s = monitoring_interval_s if state_guard_s is None else state_guard_s
+        self.vanished: dict[int, tuple[str, float, int]] = {}  # vm id -> (reason, when, host id): not seen yet
         self.step_delay_s = step_delay_s
         self.clock = clock
         self.rng = random.Random(seed)  # noqa: S311 - simulation, not security
@@ -235,6 +262,7 @@ class Cloud:
             self._open_history(vm, host, ACT_NONE)
             if state == "RUNNING":
                 self.running[vid] = {host.id} if host.power != POWER_OFF else set()
+                vm.running_since = self.clock()
                 self._set(vm, VmState.ACTIVE, L("RUNNING"), emit)
             else:
                 self._set(vm, VmState[state], L("LCM_INIT"), emit)
@@ -359,6 +387,8 @@ class Cloud:
 
     def _really_start(self, vm: Vm) -> None:
         hid = vm.hid
+        vm.running_since = self.clock()
+        self.vanished.pop(vm.id, None)
         if hid is not None and self.hosts[hid].power != POWER_OFF:
             self.running.setdefault(vm.id, set()).add(hid)
 
@@ -369,6 +399,8 @@ class Cloud:
         with self.lock:
             now = self.clock()
             self._monitor(now)
+            if self.vanished:
+                self._probe_vms(now)
             for vid in sorted(self.busy):
                 vm = self.vms[vid]
                 if vm.plan and now >= vm.next_at:
@@ -382,7 +414,10 @@ class Cloud:
         if failure is not None:
             vm.plan.clear()
             self.busy.discard(vm.id)
-            self._set(vm, VmState.ACTIVE, L(failure))
+            if failure in ("POWEROFF", "SUSPENDED"):
+                self._set(vm, VmState[failure], L("LCM_INIT"))
+            else:
+                self._set(vm, VmState.ACTIVE, L(failure))
             return
         self._on_enter(vm, step)
         self._set(vm, step.state, step.lcm)
@@ -400,8 +435,8 @@ class Cloud:
         host = self.hosts.get(vm.hid) if vm.hid is not None else None
         if host is not None and host.power != POWER_ON and stage in FAILURE_OF_STAGE:
             return FAILURE_OF_STAGE[stage]
-        if host is not None and host.power != POWER_ON and stage == "BOOT_UNKNOWN":
-            return "UNKNOWN"  # booting on a host that does not answer: oned leaves it UNKNOWN
+        if host is not None and host.power != POWER_ON and stage in BOOT_FALLBACK:
+            return BOOT_FALLBACK[stage]  # `trigger_deploy_failure` (LifeCycleStates.cc): back where it came from
         return None
 
     def _on_enter(self, vm: Vm, step: Step) -> None:
@@ -436,7 +471,8 @@ class Cloud:
                 self._set(vm, VmState.ACTIVE, L("UNKNOWN"))
 
     def _host_answers(self, host: Host) -> None:
-        """Heard from again: MONITORED, and its UNKNOWN VMs RUNNING if really there, else POWEROFF."""
+        """Heard from again: MONITORED, and its UNKNOWN VMs RUNNING if really there; a missing domain is reported
+        as the MISSING_STATE by the VM probe (`_probe_vms`)."""
         host.lost = False
         host.silent_since = None
         if host.state == HostState.ERROR:
@@ -445,9 +481,41 @@ class Cloud:
             vm = self.vms[vid]
             if vm.state == VmState.ACTIVE and vm.lcm == L("UNKNOWN") and not vm.plan:
                 if host.id in self.running.get(vid, ()):
-                    self._set(vm, VmState.ACTIVE, L("RUNNING"))
-                else:  # monitoring does not find the domain: oned keeps it on the host, powered off
-                    self._set(vm, VmState.POWEROFF, L("LCM_INIT"))
+                    self._set(vm, VmState.ACTIVE, L("RUNNING"))  # `trigger_monitor_poweron`
+                elif vid not in self.vanished:
+                    self.vanished[vid] = ("missing", self.clock(), host.id)
+
+    def _probe_vms(self, now: float) -> None:
+        """What the VM state probe reports about domains that stopped behind oned's back, and what oned does.
+
+        One report per monitoring interval; ignored while the VM is within the state guard of its RUNNING start
+        (`test_and_trigger`). A report from a host the front-end cannot hear does not arrive."""
+        for vid, (reason, since, hid) in sorted(self.vanished.items()):
+            vm = self.vms[vid]
+            if vm.hid != hid or vm.plan or not (vm.state == VmState.ACTIVE and vm.lcm in (L("RUNNING"), L("UNKNOWN"))):
+                del self.vanished[vid]  # moved, acted on or already stopped: the report changes nothing
+                continue
+            host = self.hosts[hid]
+            if host.power != POWER_ON or host.lost or now - since < self.monitoring_interval_s:
+                continue
+            if now - vm.running_since < self.state_guard_s:
+                continue  # "Ignoring VM state update"
+            del self.vanished[vid]
+            reported = self.missing_state if reason == "missing" else "FAILURE"
+            if reported == "POWEROFF":
+                self._monitor_poweroff(vm)
+            elif vm.lcm == L("RUNNING"):
+                self._set(vm, VmState.ACTIVE, L("UNKNOWN"))  # `trigger_monitor_done` (only from RUNNING)
+
+    def _monitor_poweroff(self, vm: Vm) -> None:
+        """`trigger_monitor_poweroff` + `trigger_poweroff_success`: SHUTDOWN_POWEROFF, then POWEROFF, RESCHED
+        cleared, the history record's ACTION set to MONITOR (44) with no user."""
+        vm.resched = False
+        self.pending.discard(vm.id)
+        if vm.history:
+            vm.history[-1].action = ACT_MONITOR
+        self._set(vm, VmState.ACTIVE, L("SHUTDOWN_POWEROFF"))
+        self._set(vm, VmState.POWEROFF, L("LCM_INIT"))
 
     # ---------------------------------------------------------------------------------------------------------
     # Scheduler (mm_sched): PENDING VMs get a host; resched'ed VMs get migrated. At most 200 dispatches a tick.
@@ -619,20 +687,27 @@ class Cloud:
 
     def _power(self, host: Host, power: str) -> None:
         if power == POWER_OFF:
-            for hosts in self.running.values():
-                hosts.discard(host.id)
+            now = self.clock()
+            for vid, hosts in self.running.items():
+                if host.id in hosts:
+                    hosts.discard(host.id)
+                    if self.vms[vid].hid == host.id:  # its domain is gone: the probe will miss it once it answers
+                        self.vanished.setdefault(vid, ("missing", now, host.id))
         if host.silent_since is None:
             host.silent_since = self.clock()
         host.power = power
 
-    def vm_crash(self, vid: int) -> None:
-        """The domain dies on a healthy host: oned sees it UNKNOWN, it runs nowhere."""
+    def vm_crash(self, vid: int, reason: str = "missing") -> None:
+        """The domain stops behind oned's back (see CRASH_REASONS); it runs nowhere at once, and oned learns it
+        from the VM probe on a later tick: POWEROFF (the default MISSING_STATE) or UNKNOWN."""
         with self.lock:
             vm = self.get_vm(vid)
-            if not (vm.state == VmState.ACTIVE and vm.lcm == L("RUNNING")):
+            if reason not in CRASH_REASONS:
+                raise LabError(ErrorCode.XML_RPC_API, f"reason must be one of {', '.join(CRASH_REASONS)}", vid)
+            if not (vm.state == VmState.ACTIVE and vm.lcm == L("RUNNING")) or vm.hid is None:
                 raise LabError(ErrorCode.ACTION, f"crash needs a RUNNING VM, VM {vid} is {vm.state_name()}", vid)
             self.running.pop(vid, None)
-            self._set(vm, VmState.ACTIVE, L("UNKNOWN"))
+            self.vanished[vid] = (reason, self.clock(), vm.hid)
 
     def vm_fail(self, vid: int, lcm_name: str, sticky: bool) -> None:
         """The VM lands in a failure LCM state now; sticky: every later pass through that stage fails too."""
@@ -663,8 +738,9 @@ class Cloud:
         - running: vm id (str) -> sorted host ids where its domain really runs (VMs running nowhere are omitted).
         - duplicates: VMs whose domain runs on two or more hosts at once (split brain; must never happen).
         - lost: VMs that should run but run nowhere and are not on their way. "Should run" = not DONE, POWEROFF,
-          SUSPENDED, STOPPED, UNDEPLOYED or HOLD in oned's view (those are stopped by intent). "On their way" =
-          PENDING, or ACTIVE in a transitional LCM state that ends in RUNNING (PROLOG, BOOT, *MIGRATE*,
+          SUSPENDED, STOPPED, UNDEPLOYED or HOLD in oned's view (those are stopped by intent), except a POWEROFF
+          that nobody asked for (history ACTION = MONITOR: the monitor found the domain gone), which is lost.
+          "On their way" = PENDING, or ACTIVE in a transitional LCM state that ends in RUNNING (PROLOG, BOOT, *MIGRATE*,
           CLEANUP_RESUBMIT, BOOT_*). So a VM in UNKNOWN or in a *_FAILURE state that runs nowhere is lost; a VM
           UNKNOWN on a partitioned host whose domain still runs there is not.
         - timeline: [wall time, "host"|"vm", id, state name] for every change at or after `since`.
@@ -677,7 +753,11 @@ class Cloud:
         return {"running": running, "duplicates": dups, "lost": lost, "timeline": timeline}
 
     def _is_lost(self, vm: Vm) -> bool:
-        if vm.state in NOT_MEANT_TO_RUN or vm.state == VmState.PENDING or self.running.get(vm.id):
+        if self.running.get(vm.id) or vm.state == VmState.PENDING:
+            return False
+        if vm.state == VmState.POWEROFF and vm.history and vm.history[-1].action == ACT_MONITOR:
+            return True  # nobody asked for this poweroff: the monitor found the domain gone
+        if vm.state in NOT_MEANT_TO_RUN:
             return False
         if vm.state != VmState.ACTIVE:
             return True
@@ -787,6 +867,10 @@ def _resume(c: Cloud, vm: Vm) -> bool:
     boot = {"SUSPENDED": "BOOT_SUSPENDED", "POWEROFF": "BOOT_POWEROFF", "UNKNOWN": "BOOT_UNKNOWN"}
     for name, stage in boot.items():
         if _is(vm, name):
+            if name == "POWEROFF" and vm.hid is not None:
+                # `trigger_restart` (LifeCycleActions.cc): the record is closed and copied; the copy says RESUME
+                c._open_history(vm, c.hosts[vm.hid], vm.history[-1].action)
+                vm.history[-1].action = ACTION_NUMBERS["resume"]
             c._start_plan(vm, [(VmState.ACTIVE, stage), (VmState.ACTIVE, "RUNNING")])
             return True
     if _is(vm, "STOPPED", "UNDEPLOYED"):

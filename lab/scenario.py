@@ -95,8 +95,10 @@ class Scenario:
         return self._follow(out, Kind.HOST, hid)
 
     def host_flaps(self, hid: int) -> Outcome:
-        out = self._inject("host flaps", f"host {hid} unreachable, back within its grace period",
-                           Status.CANCELLED, "lab.host.partition", hid)
+        # A power blip: back within the grace period, so the host incident is cancelled, but its domains are gone and
+        # oned sets its VMs POWEROFF (history ACTION = MONITOR); oneha resumes them as VM crashes (issue 11 #5).
+        out = self._inject("host flaps", f"host {hid} loses power, back within its grace period: its VMs, left "
+                           "POWEROFF by oned, are resumed", Status.CANCELLED, "lab.host.kill", hid)
         try:
             found = wait_until(lambda: self._incident(Kind.HOST, hid, out.injected_at), self.timeout_s,
                                what=f"an incident for host {hid}")

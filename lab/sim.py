@@ -27,8 +27,10 @@ class LabCloud:
 
     def __init__(self, hosts: int = 4, vms: int = 0, clusters: int = 1, shared: Sequence[bool] | None = None,
                  monitoring_interval_s: float = 2.0, step_delay_s: float = 0.2, seed: int = 0,
-                 capacity: int | None = None, session: str = DEFAULT_SESSION, tick_s: float = 0.02) -> None:
-        self.cloud = Cloud(monitoring_interval_s=monitoring_interval_s, step_delay_s=step_delay_s, seed=seed)
+                 capacity: int | None = None, session: str = DEFAULT_SESSION, tick_s: float = 0.02,
+                 missing_state: str = "POWEROFF", state_guard_s: float | None = None) -> None:
+        self.cloud = Cloud(monitoring_interval_s=monitoring_interval_s, step_delay_s=step_delay_s, seed=seed,
+                           missing_state=missing_state, state_guard_s=state_guard_s)
         self.session = session
         self.seed = seed
         self.tick_s = tick_s

@@ -223,6 +223,16 @@ class HostView:
         )
 
 
+# History record ACTION written when the *monitor* changed the VM's state (`include/VMActions.h` MONITOR_ACTION,
+# "internal, monitoring process"). `LifeCycleManager::trigger_monitor_poweroff` (`src/lcm/LifeCycleStates.cc`) sets it,
+# with uid/gid/request id -1, when the VM probe reports a RUNNING/UNKNOWN VM powered off or missing (MISSING_STATE,
+# POWEROFF by default: `src/im/InformationManager.cc`, `src/im_mad/remotes/lib/probe_db.rb`). An operator's
+# `onevm poweroff` writes POWEROFF (19) / POWEROFF_HARD (20) with the caller's uid instead, and a resume opens a new
+# record with RESUME (11). So POWEROFF + last ACTION 44 = stopped without any API call. A guest that shuts itself
+# down looks the same (its transient libvirt domain vanishes): oned records nothing that tells the two apart.
+MONITOR_ACTION = 44
+
+
 @dataclass(frozen=True, slots=True)
 class VmView:
     id: int
@@ -236,6 +246,7 @@ class VmView:
     history_seq: int = -1  # SEQ of the last history record; changes with every (re)deployment
     resched: bool = False
     user_template: Mapping[str, str] = field(default_factory=dict)
+    history_action: int = -1  # ACTION of the last history record (`include/VMActions.h` numbers)
 
     @property
     def ha_opt_out(self) -> bool:
@@ -244,6 +255,11 @@ class VmView:
     @property
     def ha_priority(self) -> int:
         return _int(self.user_template.get("HA_PRIORITY"), 0)
+
+    @property
+    def unrequested_poweroff(self) -> bool:
+        """POWEROFF, and nobody asked for it: see MONITOR_ACTION."""
+        return self.state == VmState.POWEROFF and self.history_action == MONITOR_ACTION
 
     @property
     def state_name(self) -> str:
@@ -265,6 +281,7 @@ class VmView:
             ds_id=_int(last.findtext("DS_ID")) if last is not None else None,
             cluster_id=_int(last.findtext("CID")) if last is not None else -1,
             history_seq=_int(last.findtext("SEQ")) if last is not None else -1,
+            history_action=_int(last.findtext("ACTION")) if last is not None else -1,
             resched=vm.findtext("RESCHED") == "1",
             user_template=_flat_template(vm.find("USER_TEMPLATE")),
         )
@@ -283,6 +300,7 @@ class VmView:
             ds_id=int(last.DS_ID) if last is not None else None,
             cluster_id=_int(str(last.CID)) if last is not None else -1,
             history_seq=int(last.SEQ) if last is not None else -1,
+            history_action=_int(str(getattr(last, "ACTION", ""))) if last is not None else -1,
             resched=str(getattr(vm, "RESCHED", "0")) == "1",
             user_template=_flat_dict(getattr(vm, "USER_TEMPLATE", None)),
         )
@@ -374,7 +392,7 @@ _KEY_VM = re.compile(rb"^EVENT VM (\d{1,10})/([A-Z_]+)/([A-Z_]+) ?$")
 # Prefixes a subscriber needs (REFERENCE §2: a byte-prefix match on frame 1). Host keys: every state change, since
 # MONITORED cancels a pending incident. VM keys: UNKNOWN and the failure states only.
 HOST_PREFIXES = (b"EVENT STATE HOST/",)
-VM_PREFIXES = (b"EVENT STATE VM/ACTIVE/UNKNOWN/",
+VM_PREFIXES = (b"EVENT STATE VM/ACTIVE/UNKNOWN/", b"EVENT STATE VM/POWEROFF/LCM_INIT/",
                *(f"EVENT STATE VM/ACTIVE/{s.name}/".encode() for s in sorted(FAILURE_LCM_STATES)))
 
 

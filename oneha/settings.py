@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 HostAction = Literal["migrate", "recreate", "delete", "none"]
 VmFailureAction = Literal["recreate", "delete", "none"]
 VmCrashAction = Literal["resume", "none"]
+VmPoweroffAction = Literal["resume", "off"]
 
 
 class ConfigError(Exception):
@@ -53,6 +54,12 @@ class ClusterPolicy(_Strict):
     vm_crash_action: VmCrashAction = Field("resume", description=(
         "For a VM in ACTIVE/UNKNOWN on a MONITORED host: resume boots it again on the same host."))
     vm_crash_grace_s: float = Field(60.0, ge=0, description="How long a VM must stay UNKNOWN on a healthy host.")
+    vm_poweroff_action: VmPoweroffAction = Field("resume", description=(
+        "For a VM that went POWEROFF without anyone asking (its last history record's ACTION is MONITOR: oned's "
+        "monitor found the domain gone, e.g. a crash with the default MISSING_STATE, or a power blip shorter than "
+        "host_grace_s): resume boots it again, counted by the VM loop protection; off leaves it off. An operator's "
+        "`onevm poweroff` is never undone. A guest that powers itself off looks the same to oned and is resumed too: "
+        "set off (or HA = \"NO\" on the VM) where guests are expected to stay off. Waits vm_crash_grace_s."))
 
 
 class ClusterOverride(_Strict):
@@ -70,6 +77,7 @@ class ClusterOverride(_Strict):
     vm_failure_grace_s: float | None = Field(None, ge=0)
     vm_crash_action: VmCrashAction | None = None
     vm_crash_grace_s: float | None = Field(None, ge=0)
+    vm_poweroff_action: VmPoweroffAction | None = None
 
 
 class Policy(_Strict):

@@ -64,6 +64,9 @@ def event_kind(event: Event) -> str:
 
 
 def failure_kind(event: VmEvent) -> Kind | None:
+    if event.state == VmState.POWEROFF:
+        # the same road as a crash: the body tells an unrequested poweroff (see MONITOR_ACTION) from an operator's
+        return Kind.VM_CRASH if event.vm is not None and event.vm.unrequested_poweroff else None
     if event.state != VmState.ACTIVE:
         return None
     if event.lcm_state == LcmState.UNKNOWN:
@@ -141,6 +144,8 @@ class Intake:
         cluster = vm.cluster_id if vm is not None else -1
         policy = self.policy.for_cluster(cluster)
         action: str = policy.vm_crash_action if kind is Kind.VM_CRASH else policy.vm_failure_action
+        if event.state == VmState.POWEROFF:
+            action = "none" if policy.vm_poweroff_action == "off" else policy.vm_poweroff_action
         grace = policy.vm_crash_grace_s if kind is Kind.VM_CRASH else policy.vm_failure_grace_s
         if action == "none":
             metrics.EVENTS_IGNORED.labels("policy_none").inc()

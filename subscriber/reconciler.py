@@ -7,9 +7,10 @@ a failure state are read again extended (the short body has no HA attribute) and
 event and the DISABLED host whose VMs went UNKNOWN with no host event at all. Cost: one host pool
 read plus the VMs of unhealthy hosts only, never the whole VM pool.
 
-Full pass (every full_scan_interval_s): the ACTIVE VMs of the whole pool, read in ID-range pages
-(`one.vmpool.info(-2, start, end, 3)`: start/end are VM IDs, REFERENCE §4), for crashes on healthy hosts and failure
-states; VM handled markers of VMs no longer failing are cleared, so their next failure opens a new incident.
+Full pass (every full_scan_interval_s): the ACTIVE and the POWEROFF VMs of the whole pool, read in ID-range pages
+(`one.vmpool.info(-2, start, end, state)`: start/end are VM IDs, REFERENCE §4), for crashes on healthy hosts, failure
+states and poweroffs nobody asked for; VM handled markers of VMs no longer failing are cleared, so their next
+failure opens a new incident.
 
 Every pass also refreshes the cheap gauges (open incidents, Celery queue lengths) from Redis.
 """
@@ -47,6 +48,9 @@ log = logging.getLogger("oneha.subscriber.reconciler")
 
 INFOSET_CHUNK = 2000  # VM IDs per one.vmpool.infoset call
 PAGE = 2000  # VM ID range per one.vmpool.info page
+# ACTIVE: crashes (UNKNOWN) and failure states; POWEROFF: poweroffs nobody asked for (the short body keeps the last
+# history record's ACTION, which tells them apart).
+SCANNED_STATES = (VmState.ACTIVE, VmState.POWEROFF)
 
 
 @dataclass
@@ -157,21 +161,22 @@ class Reconciler:
         stats.oned_calls += 1
         max_id = max((vid for h in hosts.values() for vid in h.vm_ids), default=-1)
         failing: set[int] = set()
-        for vms in self._active_pages(max_id, stats):
-            failing |= {vm.id for vm in vms if _failing(vm)}
-            self._vms(vms, stats)
+        for state in SCANNED_STATES:
+            for vms in self._pages(max_id, state, stats):
+                failing |= {vm.id for vm in vms if _failing(vm)}
+                self._vms(vms, stats)
         handled = self.store.handled_ids("vm")
         healed = [vid for vid in handled if vid not in failing]
         if healed:
             self.store.clear_handled("vm", healed)
             stats.outcomes["vm_handled_cleared"] += len(healed)
 
-    def _active_pages(self, max_known_id: int, stats: PassStats) -> Iterable[list[VmView]]:
-        """ACTIVE VMs in ID-range pages, up to the highest ID any host lists (and on while pages are not empty)."""
+    def _pages(self, max_known_id: int, state: VmState, stats: PassStats) -> Iterable[list[VmView]]:
+        """VMs in `state` in ID-range pages, up to the highest ID any host lists (and on while pages are not empty)."""
         server = self.oned().server
         start = 0
         while True:
-            pool = server.vmpool.info(-2, start, start + PAGE - 1, int(VmState.ACTIVE))
+            pool = server.vmpool.info(-2, start, start + PAGE - 1, int(state))
             stats.oned_calls += 1
             vms = [VmView.from_pyone(v) for v in (pool.VM or [])]
             yield vms

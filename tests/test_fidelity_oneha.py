@@ -3,11 +3,20 @@ POWEROFF instead of UNKNOWN for a vanished domain, accepted calls that change no
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from oneha.incidents import Kind
+from oneha.opennebula import LcmState, VmEvent, VmState, VmView
 from oneha.waiting import wait_until
+from subscriber.intake import failure_kind
 from tests.labkit import call, running_lab
-from tests.test_subscriber_kit import incidents, settings
-from tests.test_subscriber_lab import services
+from tests.test_subscriber_kit import incidents, running, settings
+from tests.test_subscriber_lab import services, toggle_until_heard
+from tests.workerkit import vm_timeline, worker_stack
+
+LAB = {"monitoring_interval_s": 0.5, "step_delay_s": 0.05}
 
 
 def test_reconciler_honours_ha_no_although_pool_bodies_are_short(redis_url: str) -> None:
@@ -25,3 +34,51 @@ def test_reconciler_honours_ha_no_although_pool_bodies_are_short(redis_url: str)
             found = {(i.kind, i.resource_id) for i in incidents(redis_url)}
         assert (Kind.VM_FAILURE, plain) in found
         assert (Kind.VM_FAILURE, opted) not in found
+
+
+def view(state: VmState, action: int, lcm: LcmState = LcmState.LCM_INIT) -> VmEvent:
+    vm = VmView(7, "vm", state, lcm, 1, "h", 0, history_seq=2, history_action=action)
+    return VmEvent(7, state, lcm, vm)
+
+
+def test_only_a_poweroff_nobody_asked_for_is_a_crash() -> None:
+    assert failure_kind(view(VmState.POWEROFF, 44)) is Kind.VM_CRASH  # MONITOR_ACTION
+    for action in (19, 20, 11, 0):  # poweroff, poweroff-hard, resume, none
+        assert failure_kind(view(VmState.POWEROFF, action)) is None
+    assert failure_kind(VmEvent(7, VmState.POWEROFF, LcmState.LCM_INIT, None)) is None  # no body: cannot tell
+
+
+@pytest.mark.slow
+def test_power_blip_shorter_than_grace_and_vanished_domains_are_resumed(tmp_path: Path, redis_url: str) -> None:
+    """Issue 11 defect 5 + issue 9 point 2: a host off and on again within host_grace_s, and a domain gone from a
+    healthy host, leave VMs POWEROFF with history ACTION = MONITOR; oneha resumes them (an operator's poweroff and
+    an HA = NO VM stay off), the oracle ends with nothing lost but the opted-out VM, none twice."""
+    with running_lab(hosts=3, **LAB) as lab:
+        url = lab.rpc_url
+        on_host = [call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"}) for _ in range(4)]
+        operator_off = call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"})
+        opted_out = call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING", "HA": "NO"})
+        crashed = call(url, "lab.vm.create", {"HOST": 2, "STATE": "RUNNING"})
+        call(url, "one.vm.action", "poweroff", operator_off)
+        s = settings(redis_url, [lab.events_url], rpc_url=url, session=lab.session, host_grace_s=60.0,
+                     vm_crash_grace_s=0.0)
+        with worker_stack(tmp_path, redis_url, url) as stack, running(s) as svc:
+            toggle_until_heard(url, [svc], 0)
+            call(url, "lab.host.kill", 1)
+            wait_until(lambda: any(i.kind == Kind.HOST for i in incidents(redis_url)), 10, what="host incident")
+            call(url, "lab.host.revive", 1)  # back within the grace: the host incident is cancelled
+            call(url, "lab.vm.crash", crashed)
+
+            def settled() -> dict | None:
+                o = call(url, "lab.oracle")
+                return o if o["lost"] == [opted_out] else None
+
+            o = wait_until(settled, 30, what="every VM nobody powered off running again")
+            assert o["duplicates"] == []
+            for vid in [*on_host, crashed]:
+                assert vm_timeline(o, vid).count("ACTIVE/BOOT_POWEROFF") == 1, vm_timeline(o, vid)
+            assert vm_timeline(o, operator_off)[-1] == "POWEROFF"
+            assert vm_timeline(o, opted_out)[-1] == "POWEROFF"
+            host_incidents = [i for i in incidents(redis_url) if i.kind == Kind.HOST]
+            assert [i.status.value for i in host_incidents] == ["cancelled"]
+            assert stack.store is not None

@@ -135,8 +135,8 @@ def test_disabled_host_never_goes_error_but_its_vms_go_unknown() -> None:
 def test_crash_then_resume_boots_on_the_same_host() -> None:
     with running_lab(hosts=2, vms=2) as lab:
         one = server(lab)
-        call(lab.rpc_url, "lab.vm.crash", 1)
-        assert vm_is(one, 1, VmState.ACTIVE, LcmState.UNKNOWN)
+        call(lab.rpc_url, "lab.vm.crash", 1, "crashed")  # libvirt says crashed: FAILURE, UNKNOWN on the next probe
+        wait_until(lambda: vm_is(one, 1, VmState.ACTIVE, LcmState.UNKNOWN), 10, what="UNKNOWN")
         assert call(lab.rpc_url, "lab.oracle")["lost"] == [1]
         one.vm.action("resume", 1)
         wait_until(lambda: vm_is(one, 1, VmState.ACTIVE, LcmState.RUNNING), 5, what="resumed")

@@ -187,7 +187,8 @@ def test_vm_failure_recreated_once_then_loop_protection_and_crash_resumed(tmp_pa
             assert acted_count(oracle(url), sticky, "ACTIVE/CLEANUP_RESUBMIT") == 2
             assert any(e["event"] == "alert" for e in stack.store.log(inc))
 
-            call(url, "lab.vm.crash", crashed)
+            call(url, "lab.vm.crash", crashed, "crashed")
+            wait_until(lambda: "<LCM_STATE>16<" in call(url, "one.vm.info", crashed), 10, what="UNKNOWN")
             inc = stack.report_vm(Kind.VM_CRASH, crashed, token="0")
             assert stack.wait_closed(inc).status.value == "recovered"
             o = oracle(url)

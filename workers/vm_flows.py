@@ -4,14 +4,16 @@
   protection: at most `vm_failure_max_recoveries` recoveries of one VM within `vm_failure_window_s`
   (`keys.vm_recoveries`, one member per incident, so a redelivered task does not count twice); beyond that the VM is
   left alone, the incident FAILED and an alert logged.
-- VM crash (ACTIVE/UNKNOWN on a MONITORED host): `resume`, confirm RUNNING. If the host is not MONITORED or has an
-  open host incident, the host incident owns the VM: NO_ACTION.
+- VM crash (ACTIVE/UNKNOWN on a MONITORED host, or POWEROFF that nobody asked for: history ACTION = MONITOR, see
+  `oneha.opennebula.MONITOR_ACTION`): `resume`, confirm RUNNING. If the host is not MONITORED or has an open host
+  incident, the host incident owns the VM: NO_ACTION. Policy: `vm_crash_action` / `vm_poweroff_action`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from oneha.incidents import Kind, Status
 from oneha.opennebula import FAILURE_LCM_STATES, HOST_OPERATOR_STATES, LcmState, VmState, VmView
@@ -83,6 +85,18 @@ def check_loop_protection(flow: Flow, vm_id: int) -> int:
     return sum(1 for m in members if m != str(flow.incident.id))
 
 
+def _loop_stop(flow: Flow, vm: VmView, what: str) -> str | None:
+    """Loop protection: the closed incident's result when this VM was recovered too often within the window."""
+    w = flow.rt.settings.worker
+    done_before = check_loop_protection(flow, vm.id)
+    if done_before < w.vm_failure_max_recoveries:
+        return None
+    flow.rt.hooks.alert(flow, f"VM {vm.id} {what} after {done_before} recoveries within "
+                              f"{w.vm_failure_window_s:g}s: left in {vm.state_name}")
+    return _close(flow, Status.FAILED, f"loop protection: {done_before} recoveries within the window", vm,
+                  "none", "loop_protection")
+
+
 def _count_recovery(flow: Flow, vm_id: int) -> None:
     w = flow.rt.settings.worker
     key = flow.rt.keys.vm_recoveries(vm_id)
@@ -112,12 +126,9 @@ def vm_failure_flow(flow: Flow) -> str:
     if owner != inc.id:
         return _close(flow, Status.NO_ACTION, f"in recovery by incident {owner}", vm, "none", "no_action",
                       handled=False)
-    done_before = check_loop_protection(flow, vid)
-    if done_before >= w.vm_failure_max_recoveries:
-        rt.hooks.alert(flow, f"VM {vid} failed again after {done_before} recoveries within "
-                             f"{w.vm_failure_window_s:g}s: left in {vm.state_name}")
-        return _close(flow, Status.FAILED, f"loop protection: {done_before} recoveries within the window", vm,
-                      "none", "loop_protection")
+    stopped = _loop_stop(flow, vm, "failed again")
+    if stopped is not None:
+        return stopped
     action = policy.vm_failure_action
     seq = vm.history_seq
     attempts = 0
@@ -175,15 +186,43 @@ def check_crash_owner(flow: Flow, vm: VmView) -> str | None:
     return None
 
 
+def needs_resume(vm: VmView) -> bool:
+    """UNKNOWN (crashed on a healthy host), or POWEROFF without anyone asking (see `MONITOR_ACTION`)."""
+    return (vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.UNKNOWN) or vm.unrequested_poweroff
+
+
+def is_running(vm: VmView) -> bool:
+    return vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING
+
+
+def resumed(before: VmView) -> Callable[[VmView], bool | None]:
+    """Confirmation of a resume sent to `before`: RUNNING, or False when the boot did not take (UNKNOWN again, or
+    POWEROFF in a newer history record: oned opens one per resume from POWEROFF and falls back to POWEROFF when the
+    boot fails). POWEROFF in the same record is a resume oned has not started yet: keep waiting."""
+    def verdict(v: VmView) -> bool | None:
+        if is_running(v):
+            return True
+        if v.state == VmState.ACTIVE and v.lcm_state == LcmState.UNKNOWN:
+            return False
+        if v.state == VmState.POWEROFF and v.history_seq != before.history_seq:
+            return False
+        return None
+
+    return verdict
+
+
 def vm_crash_flow(flow: Flow) -> str:
+    """UNKNOWN on a healthy host, or a POWEROFF nobody asked for: resume on the same host, per policy.
+
+    The second is counted by the VM loop protection (a guest that keeps powering itself off is resumed at most
+    `vm_failure_max_recoveries` times per window, then left off with an alert)."""
     rt, inc = flow.rt, flow.incident
     w = rt.settings.worker
     vid = inc.resource_id
     policy = rt.settings.policy.for_cluster(inc.cluster_id)
     vm = rt.oned.vm_info(vid)
-    crashed = vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.UNKNOWN
-    if not crashed:
-        if inc.extra.get("acted_at") and vm.lcm_state == LcmState.RUNNING:
+    if not needs_resume(vm):
+        if inc.extra.get("acted_at") and is_running(vm):
             return _close(flow, Status.RECOVERED, "resumed", vm, "resume", "recovered", handled=False)
         return _close(flow, Status.NO_ACTION, f"not crashed: {vm.state_name}", vm, "none", "no_action",
                       handled=False)
@@ -192,18 +231,25 @@ def vm_crash_flow(flow: Flow) -> str:
     owner_reason = check_crash_owner(flow, vm)
     if owner_reason is not None:
         return _close(flow, Status.NO_ACTION, owner_reason, vm, "none", "no_action")
-    if policy.vm_crash_action == "none":
+    poweroff = vm.state == VmState.POWEROFF
+    if poweroff and policy.vm_poweroff_action == "off":
+        return _close(flow, Status.NO_ACTION, "vm_poweroff_action = off", vm, "none", "no_action")
+    if not poweroff and policy.vm_crash_action == "none":
         return _close(flow, Status.NO_ACTION, "vm_crash_action = none", vm, "none", "no_action")
     owner = claim_vm(flow, vid)
     if owner != inc.id:
         return _close(flow, Status.NO_ACTION, f"in recovery by incident {owner}", vm, "none", "no_action",
                       handled=False)
+    stopped = _loop_stop(flow, vm, "powered off again without anyone asking") if poweroff else None
+    if stopped is not None:
+        return stopped
     attempts = 0
-    while attempts < w.vm_attempts:
-        if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING:
-            break
-        if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.UNKNOWN:
+    while attempts < w.vm_attempts and not is_running(vm):
+        acting = needs_resume(vm) or (attempts > 0 and vm.state == VmState.POWEROFF)
+        if acting:
             attempts += 1
+            if poweroff:
+                _count_recovery(flow, vid)
             outcome = act(flow, vm, "resume")
             if outcome == "dry_run":
                 return _close(flow, Status.NO_ACTION, "dry run: would resume", vm, "resume", "dry_run",
@@ -212,17 +258,11 @@ def vm_crash_flow(flow: Flow) -> str:
                 return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "resume", "gone")
             if outcome == "done":
                 rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
-
-        def running(v: VmView) -> bool | None:
-            if v.state == VmState.ACTIVE and v.lcm_state == LcmState.RUNNING:
-                return True
-            if v.state == VmState.ACTIVE and v.lcm_state == LcmState.UNKNOWN:
-                return False  # the boot did not take: try again
-            return None
-
-        seen = confirm(flow, vid, running, w.confirm_timeout_s)
+        seen = confirm(flow, vid, resumed(vm), w.confirm_timeout_s)
         vm = seen if seen is not None else rt.oned.vm_info(vid)
-    if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING:
+        if seen is None and not acting:
+            break  # neither ours to resume nor settling (an operator took over?): report, do not spin
+    if is_running(vm):
         return _close(flow, Status.RECOVERED, "resumed: RUNNING", vm, "resume", "recovered", handled=False,
                       attempts=attempts)
     return _close(flow, Status.FAILED, f"still {vm.state_name} after {attempts} resumes", vm, "resume", "failed",
