@@ -1,5 +1,10 @@
 """one_hm's ZeroMQ PUB socket: every host and VM state change, in both key forms (REFERENCE §2).
 
+Order as oned's driver (`src/hm_mad/one_hm.rb`): the object key (`EVENT HOST 3/ERROR/ `) first, then the state key.
+oned's hook manager runs the driver with several threads (15 by default), so changes of different objects may reach
+subscribers out of order: `reorder_rate` (lab.faults event_reorder_rate) holds a change back until the next change
+of another object has been sent, to show that oneha does not depend on order.
+
 The model calls `publish` under its lock; the message is rendered there (so it carries the state of that moment)
 and queued. One thread owns the socket and sends, because zmq sockets are not thread-safe.
 """
@@ -30,6 +35,10 @@ class EventPublisher:
             self.port = port
         self.url = f"tcp://{bind}:{self.port}"
         self.drop_rate = 0.0
+        self.reorder_rate = 0.0
+        self.reordered = 0
+        self._held: tuple[tuple[str, int], list[bytes], bytes] | None = None
+        self._held_lock = threading.Lock()
         self.sent = 0
         self.dropped = 0
         self._rng = random.Random(seed)  # noqa: S311 - simulation, not security
@@ -45,12 +54,37 @@ class EventPublisher:
             return
         doc = xmlwriter.hook_message(kind, oid, state, lcm, remote_host, body)
         content = base64.b64encode(doc.encode("utf-8"))  # one line: b64encode never inserts line breaks
-        for key in keys(kind, oid, state, lcm):
-            self._queue.put((key, content))
+        change = ((kind, oid), keys(kind, oid, state, lcm), content)
+        with self._held_lock:
+            held, self._held = self._held, None
+            if held is not None and held[0] == change[0]:
+                self._put(held)  # the same object's changes keep their order
+                held = None
+            if held is None and self.reorder_rate > 0 and self._rng.random() < self.reorder_rate:
+                self._held = change
+                self.reordered += 1
+                return
+            self._put(change)
+            if held is not None:
+                self._put(held)  # sent after a later change of another object
+
+    def _put(self, change: tuple[tuple[str, int], list[bytes], bytes]) -> None:
+        for key in change[1]:
+            self._queue.put((key, change[2]))
+
+    def _flush_held(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held, None
+            if held is not None:
+                self._put(held)
 
     def _run(self) -> None:
         while True:
-            key, content = self._queue.get()
+            try:
+                key, content = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                self._flush_held()  # nothing came after it: send it anyway
+                continue
             if (key, content) == _STOP:
                 return
             self.socket.send_multipart([key, content])
@@ -65,6 +99,6 @@ class EventPublisher:
 def keys(kind: str, oid: int, state: str, lcm: str | None) -> list[bytes]:
     """Both key forms, each with oned's trailing space."""
     if kind == "HOST":
-        return [f"EVENT STATE HOST/{state}//{oid} ".encode(), f"EVENT HOST {oid}/{state}/ ".encode()]
+        return [f"EVENT HOST {oid}/{state}/ ".encode(), f"EVENT STATE HOST/{state}//{oid} ".encode()]
     lcm = lcm or "LCM_INIT"
-    return [f"EVENT STATE VM/{state}/{lcm}/{oid} ".encode(), f"EVENT VM {oid}/{state}/{lcm} ".encode()]
+    return [f"EVENT VM {oid}/{state}/{lcm} ".encode(), f"EVENT STATE VM/{state}/{lcm}/{oid} ".encode()]

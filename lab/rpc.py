@@ -1,6 +1,7 @@
 """oned's XML-RPC API over the lab model, plus the lab.* fault-injection methods, at http://<bind>:<port>/RPC2.
 
-Replies follow oned (REFERENCE §4): `[True, body_or_id, 0]` or `[False, "[method] message", code, id]`. Arguments
+Replies follow oned (REFERENCE §4; `RequestXRPC::make_response`, src/rm/xml-rpc/RequestXRPC.cc): `[True, body_or_id,
+0]` or `[False, "[method] message", code, object id, replication index]` (the lab has no Raft log: index 0). Arguments
 are checked against each method's signature first, so wrong types or missing arguments get an RPC_API (0x1000)
 error instead of a traceback; an unknown method gets an XML-RPC fault as xmlrpc-c gives (-506). lab.* methods use
 the same reply convention, so a client tells errors apart the same way.
@@ -64,6 +65,7 @@ class Faults:
         self.latency_ms = 0.0
         self.error_rate = 0.0
         self.event_drop_rate = 0.0
+        self.event_reorder_rate = 0.0
         self.released = threading.Event()
         self.released.set()
         self.rng = random.Random(seed)  # noqa: S311 - simulation, not security
@@ -74,17 +76,17 @@ class Faults:
         return not self.released.is_set()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"latency_ms": self.latency_ms, "error_rate": self.error_rate,
-                "event_drop_rate": self.event_drop_rate, "hang": self.hang}
+        return {"latency_ms": self.latency_ms, "error_rate": self.error_rate, "event_drop_rate": self.event_drop_rate,
+                "event_reorder_rate": self.event_reorder_rate, "hang": self.hang}
 
     def update(self, knobs: dict[str, Any]) -> None:
-        for name in ("latency_ms", "error_rate", "event_drop_rate"):
+        for name in ("latency_ms", "error_rate", "event_drop_rate", "event_reorder_rate"):
             if name in knobs:
                 value = knobs[name]
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                     raise LabError(ErrorCode.XML_RPC_API, f"{name} must be a non-negative number")
                 setattr(self, name, float(value))
-        unknown = set(knobs) - {"latency_ms", "error_rate", "event_drop_rate", "hang"}
+        unknown = set(knobs) - {"latency_ms", "error_rate", "event_drop_rate", "event_reorder_rate", "hang"}
         if unknown:
             raise LabError(ErrorCode.XML_RPC_API, f"unknown fault knobs: {sorted(unknown)}")
         if "hang" in knobs:
@@ -143,8 +145,9 @@ class LabRpc:
     """The API: checks the session and arguments, applies faults, dispatches to the model."""
 
     def __init__(self, cloud: Cloud, session: str, faults: Faults, stats: Stats,
-                 events: EventPublisher | None) -> None:
+                 events: EventPublisher | None, tick_errors: Callable[[], int] = lambda: 0) -> None:
         self.cloud = cloud
+        self.tick_errors = tick_errors
         self.session = session
         self.faults = faults
         self.stats = stats
@@ -262,17 +265,30 @@ class LabRpc:
     # -- lab.* ---------------------------------------------------------------------------------------------------
 
     def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        knobs = dict(knobs or {})
+        if "lcm_ignore" in knobs:  # the next N LCM-level calls are accepted and change nothing (Cloud._lcm_ignored)
+            value = knobs.pop("lcm_ignore")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LabError(ErrorCode.XML_RPC_API, "lcm_ignore must be a non-negative integer")
+            with self.cloud.lock:
+                self.cloud.lcm_ignore = value
         if knobs:
             self.faults.update(knobs)
             if self.events is not None:
                 self.events.drop_rate = self.faults.event_drop_rate
-        return self.faults.as_dict()
+                self.events.reorder_rate = self.faults.event_reorder_rate
+        with self.cloud.lock:
+            return {**self.faults.as_dict(), "lcm_ignore": self.cloud.lcm_ignore}
 
     def get_stats(self, reset: bool = False) -> dict[str, Any]:
         out = self.stats.as_dict(reset)
+        with self.cloud.lock:
+            out["lcm_ignored"] = self.cloud.lcm_ignored
+        out["tick_errors"] = self.tick_errors()
         if self.events is not None:
             out["events_sent"] = self.events.sent
             out["events_dropped"] = self.events.dropped
+            out["events_reordered"] = self.events.reordered
         return out
 
 
@@ -309,7 +325,7 @@ def _first_int(args: tuple[Any, ...]) -> int:
 
 
 def _error(method: str, code: ErrorCode, message: str, obj_id: int) -> Reply:
-    return [False, f"[{method}] {message}", int(code), obj_id]
+    return [False, f"[{method}] {message}", int(code), obj_id, 0]
 
 
 def _in_range(vid: int, start: int, end: int) -> bool:

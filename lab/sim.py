@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from types import TracebackType
@@ -15,6 +16,7 @@ from lab.events import EventPublisher
 from lab.rpc import Faults, LabRpc, RpcServer, Stats
 
 DEFAULT_SESSION = "oneadmin:opennebula"
+log = logging.getLogger("oneha.lab")
 
 
 class LabCloud:
@@ -47,12 +49,13 @@ class LabCloud:
         self.events: EventPublisher | None = None
         self.rpc: RpcServer | None = None
         self._stop = threading.Event()
+        self.tick_errors = 0  # ticks that raised: logged and counted (lab.stats), the clock keeps going
         self._clock = threading.Thread(target=self._run_clock, name="lab-clock", daemon=True)
 
     def start(self, port: int = 0, events_port: int = 0, bind: str = "127.0.0.1") -> LabCloud:
         self.events = EventPublisher(bind, events_port, seed=self.seed)
         self.cloud.sink = self.events.publish
-        api = LabRpc(self.cloud, self.session, self.faults, self.stats, self.events)
+        api = LabRpc(self.cloud, self.session, self.faults, self.stats, self.events, lambda: self.tick_errors)
         self.rpc = RpcServer(api, bind, port)
         self.rpc.start()
         self._clock.start()
@@ -71,7 +74,11 @@ class LabCloud:
     def _run_clock(self) -> None:
         # One thread moves time; ~20 ms ticks keep step delays of 50 ms accurate enough for tests.
         while not self._stop.wait(self.tick_s):
-            self.cloud.tick()
+            try:
+                self.cloud.tick()
+            except Exception:  # one bad tick must not freeze the lab's time without a sign
+                self.tick_errors += 1
+                log.exception("lab clock: tick failed (%d so far); ticking on", self.tick_errors)
 
     def stop(self) -> None:
         self._stop.set()

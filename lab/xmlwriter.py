@@ -130,8 +130,11 @@ def _vm_head(vm: Vm, full: bool) -> str:
 
 def _vm_full(vm: Vm, records: list[History]) -> str:
     history = "".join(_history_full(vm, h) for h in records)
-    return (f"<VM>{_vm_head(vm, True)}<MONITORING/><SCHED_ACTIONS/>{template('TEMPLATE', vm.template)}"
-            f"{template('USER_TEMPLATE', vm.user_template)}<HISTORY_RECORDS>{history}</HISTORY_RECORDS>"
+    # oned keeps template attributes in a std::multimap: written in name order (vm.xsd's TEMPLATE is a sequence in
+    # that order)
+    tmpl, user = dict(sorted(vm.template.items())), dict(sorted(vm.user_template.items()))
+    return (f"<VM>{_vm_head(vm, True)}<MONITORING/><SCHED_ACTIONS/>{template('TEMPLATE', tmpl)}"
+            f"{template('USER_TEMPLATE', user)}<HISTORY_RECORDS>{history}</HISTORY_RECORDS>"
             "<BACKUPS><BACKUP_CONFIG/><BACKUP_IDS/></BACKUPS></VM>")
 
 

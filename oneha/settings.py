@@ -156,6 +156,11 @@ class WorkerSettings(_Strict):
     task_lease_s: float = Field(60.0, gt=0, description=(
         "An incident whose worker went silent this long is dispatched again (the flows are idempotent)."))
     confirm_timeout_s: float = Field(120.0, gt=0, description="Deadline for a VM to be seen leaving the host.")
+    accepted_noop_s: float = Field(5.0, gt=0, description=(
+        "A VM read this long after oned accepted a mutating call and found exactly as before (state, LCM state, "
+        "history record, RESCHED) is taken as a call oned accepted and did nothing with (its LCM, which acts after "
+        "the answer, only logs a state it does not handle): the flow reads again and decides again (a new attempt) "
+        "instead of waiting out confirm_timeout_s. Keep it above how long oned's LCM may lag under load."))
     vm_attempts: int = Field(3, ge=1, description="Attempts to recover one VM before it is reported failed.")
     storm_max_share: float = Field(0.4, gt=0, le=1, description=(
         "Hold host incidents when more than this share of a cluster's hosts are in ERROR at once."))

@@ -82,3 +82,28 @@ def test_power_blip_shorter_than_grace_and_vanished_domains_are_resumed(tmp_path
             host_incidents = [i for i in incidents(redis_url) if i.kind == Kind.HOST]
             assert [i.status.value for i in host_incidents] == ["cancelled"]
             assert stack.store is not None
+
+
+@pytest.mark.slow
+def test_an_accepted_call_that_changed_nothing_is_decided_again_at_once(tmp_path: Path, redis_url: str) -> None:
+    """oned answers success and its LCM only logs a state it does not handle (issue 9 point 3; the lab makes that
+    race deterministic with `lcm_ignore`). oneha sees the VM unchanged on the first read `accepted_noop_s` after
+    the call and acts again, instead of waiting out confirm_timeout_s (30 s here)."""
+    with running_lab(hosts=3, **LAB) as lab:
+        url = lab.rpc_url
+        vms = [call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"}) for _ in range(4)]
+        with worker_stack(tmp_path, redis_url, url, policy={"host_action": "recreate"},
+                          worker={"confirm_timeout_s": 30.0, "accepted_noop_s": 0.5}) as stack:
+            call(url, "lab.host.kill", 1)
+            wait_until(lambda: "<STATE>3<" in call(url, "one.host.info", 1), 10, what="host 1 ERROR")
+            call(url, "lab.faults", {"lcm_ignore": 2})
+            call(url, "lab.stats", True)
+            inc = stack.report_host(1)
+            closed = stack.wait_closed(inc, timeout_s=15)
+            assert closed.status.value == "recovered", closed.detail
+            stats = call(url, "lab.stats")
+            assert stats["lcm_ignored"] == 2 and stats["calls"]["one.vm.recover"] == 4 + 2
+            o = call(url, "lab.oracle")
+            assert all(vm_timeline(o, v).count("ACTIVE/CLEANUP_RESUBMIT") == 1 for v in vms)
+            retried = [r for r in stack.store.vm_records(inc).values() if r["attempts"] == 2]
+            assert len(retried) == 2 and all("changed nothing" in r["detail"] for r in retried)

@@ -65,7 +65,7 @@ def test_resched_on_shared_datastore_migrates_from_unknown() -> None:
         wait_until(lambda: vm_is(one, 0, VmState.ACTIVE, LcmState.RUNNING), 5, what="migrated")
         hist = one.vm.info(0).HISTORY_RECORDS.HISTORY
         assert [int(h.HID) for h in hist] == [0, 2]  # same cluster, new history record
-        assert int(hist[0].ETIME) > 0 and int(hist[0].ACTION) == 17
+        assert int(hist[0].ETIME) > 0 and int(hist[0].ACTION) == 1  # the scheduler migrates: MIGRATE, not RESCHED
         assert "ACTIVE/PROLOG_MIGRATE_UNKNOWN" in timeline_of(lab, "vm", 0)
         assert call(lab.rpc_url, "lab.oracle")["running"]["0"] == [2]
 

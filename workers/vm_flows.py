@@ -150,7 +150,10 @@ def vm_failure_flow(flow: Flow) -> str:
                     return True if v.state == VmState.DONE else None
                 return True if (not is_failed(v) or v.history_seq != seq) else None
 
-            seen = confirm(flow, vid, settled, w.confirm_timeout_s)
+            seen = confirm(flow, vid, settled, w.confirm_timeout_s, before=vm)
+            if seen is not None and not settled(seen):
+                vm = seen  # oned accepted the call and did nothing: decide again
+                continue
             if seen is not None or action == "delete":
                 final = seen or vm
                 if action == "delete" and seen is None:
@@ -258,7 +261,7 @@ def vm_crash_flow(flow: Flow) -> str:
                 return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "resume", "gone")
             if outcome == "done":
                 rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
-        seen = confirm(flow, vid, resumed(vm), w.confirm_timeout_s)
+        seen = confirm(flow, vid, resumed(vm), w.confirm_timeout_s, before=vm if acting else None)
         vm = seen if seen is not None else rt.oned.vm_info(vid)
         if seen is None and not acting:
             break  # neither ours to resume nor settling (an operator took over?): report, do not spin

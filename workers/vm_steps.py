@@ -190,8 +190,20 @@ def act(flow: Flow, vm: VmView, action: str) -> str:
         raise
 
 
-def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float) -> VmView | None:
-    """Poll (batched reads) until `done(vm)` says True or False; None at the deadline. Keeps the lease alive."""
+def unchanged(vm: VmView, before: VmView) -> bool:
+    """Nothing an accepted call would change has changed."""
+    return (vm.state, vm.lcm_state, vm.history_seq, vm.resched) == \
+        (before.state, before.lcm_state, before.history_seq, before.resched)
+
+
+def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float, before: VmView | None = None
+            ) -> VmView | None:
+    """Poll (batched reads) until `done(vm)` says True or False; None at the deadline. Keeps the lease alive.
+
+    `before`: the VM as it was when an accepted mutating call was sent. A read `accepted_noop_s` later that still
+    shows it `unchanged` ends the wait early and returns that VM (the caller's own check then says "not done"), so
+    the flow decides again instead of waiting out the deadline: oned accepted the call and did nothing with it."""
+    noop_at = time.monotonic() + flow.rt.settings.worker.accepted_noop_s
 
     def look() -> tuple[VmView | None, bool] | None:
         flow.check_lease_local()  # a read: the local lease check suffices; acting asks Redis (`_mutate`)
@@ -199,6 +211,9 @@ def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float) -> VmView | 
         if vm is None:
             return (None, True)
         verdict = done(vm) if callable(done) else None
+        if verdict is None and before is not None and time.monotonic() >= noop_at and unchanged(vm, before):
+            log.warning("oned accepted a call on VM %d and changed nothing: deciding again", vm_id)
+            return (vm, True)
         return (vm, True) if verdict is not None else None
 
     try:  # the first look is immediate (oned often shows the VM on its way at once: CLEANUP_RESUBMIT)
@@ -210,8 +225,8 @@ def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float) -> VmView | 
 
 
 @step("confirm_vm_left_host")
-def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: str, timeout_s: float
-                         ) -> VmView | None:
+def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: str, timeout_s: float,
+                         before: VmView | None = None) -> VmView | None:
     """Wait until the VM left the host (PENDING / on its way / placed elsewhere; DONE for delete) or failed."""
 
     def verdict(vm: VmView) -> bool | None:
@@ -221,7 +236,7 @@ def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: str, time
             return False
         return None
 
-    return confirm(flow, vm_id, verdict, timeout_s)
+    return confirm(flow, vm_id, verdict, timeout_s, before)
 
 
 @dataclass
@@ -255,6 +270,7 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
     migrate_failed = False
     detail = ""
     seen: VmView | None = None  # the confirm step's read, if it already says the VM left
+    ignored = ""  # said in the detail once oned accepted a call and did nothing with it
     while True:
         vm = seen if seen is not None else read_vm(flow, vm_id)
         seen = None
@@ -269,6 +285,7 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
                              vm.state_name)
         if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.PROLOG_MIGRATE_UNKNOWN_FAILURE:
             migrate_failed = True
+        acted_on: VmView | None = None  # the VM as it was when a call was accepted (see `confirm`)
         if in_transition(vm):
             outcome = "waiting"
         else:
@@ -280,7 +297,7 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
                 return VmOutcome(action, "not_recoverable", attempts, why, started, None, None, vm.state_name)
             attempts += 1
             outcome = act(flow, vm, action)
-            detail = why
+            detail = why + ignored
             if outcome == "dry_run":
                 return VmOutcome(action, "dry_run", attempts, why, started, None, None, vm.state_name)
             if outcome == "gone":
@@ -289,8 +306,11 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
                 detail = f"{why}; oned refused in {vm.state_name}"
                 continue  # re-read and decide again
             acted_at = time.time()
+            acted_on = None if action == "migrate" and vm.resched else vm  # already resched'ed: nothing was sent
         remaining = max(0.1, min(w.confirm_timeout_s, deadline - time.monotonic()))
-        settled = confirm_vm_left_host(flow, vm_id, host_id, action, remaining)
+        settled = confirm_vm_left_host(flow, vm_id, host_id, action, remaining, acted_on)
+        if settled is not None and acted_on is not None and unchanged(settled, acted_on):
+            ignored = f"; oned accepted {action} and changed nothing"
         if settled is not None and settled.state == VmState.ACTIVE and settled.lcm_state in FAILURE_LCM_STATES:
             detail = f"{detail}; ended in {settled.state_name}"
         elif settled is not None and has_left_host(settled, host_id, action if action == "delete" else None):
