@@ -107,3 +107,26 @@ def test_an_accepted_call_that_changed_nothing_is_decided_again_at_once(tmp_path
             assert all(vm_timeline(o, v).count("ACTIVE/CLEANUP_RESUBMIT") == 1 for v in vms)
             retried = [r for r in stack.store.vm_records(inc).values() if r["attempts"] == 2]
             assert len(retried) == 2 and all("changed nothing" in r["detail"] for r in retried)
+
+
+@pytest.mark.slow
+def test_poweroff_resumes_are_loop_protected(tmp_path: Path, redis_url: str) -> None:
+    """A VM that keeps going POWEROFF without anyone asking is resumed vm_failure_max_recoveries times per window,
+    then left off with an alert."""
+    with running_lab(hosts=2, **LAB) as lab:
+        url = lab.rpc_url
+        vid = call(url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"})
+        with worker_stack(tmp_path, redis_url, url, worker={"vm_failure_max_recoveries": 1}) as stack:
+            statuses = []
+            for _ in range(2):
+                wait_until(lambda: "<LCM_STATE>3<" in call(url, "one.vm.info", vid), 10, what="RUNNING")
+                call(url, "lab.vm.crash", vid)
+                wait_until(lambda: "<STATE>8<" in call(url, "one.vm.info", vid), 10, what="POWEROFF")
+                seq = call(url, "one.vm.info", vid).rsplit("<SEQ>", 1)[1].split("<")[0]
+                inc = stack.report_vm(Kind.VM_CRASH, vid, token=seq)
+                closed = stack.wait_closed(inc)
+                statuses.append((closed.status.value, closed.detail))
+            assert statuses[0][0] == "recovered"
+            assert statuses[1][0] == "failed" and "loop protection" in statuses[1][1]
+            assert any(e["event"] == "alert" for e in stack.store.log(inc))
+            assert "<STATE>8<" in call(url, "one.vm.info", vid)
