@@ -41,6 +41,7 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "one.vm.migrate": ((int, int, bool), (bool, int, int)),
     "one.vm.deploy": ((int, int), (bool, int, str)),
     "one.datastorepool.info": ((), (int, int, int)),
+    "one.clusterpool.info": ((), (int, int, int)),
     "one.system.version": ((), ()),
     "one.system.config": ((), ()),
     "lab.host.kill": ((int,), ()),
@@ -161,7 +162,7 @@ class LabRpc:
             "one.vm.recover": _ack(lambda vid, op: cloud.vm_recover(vid, op), "vid"),
             "one.vm.migrate": _ack(lambda vid, hid, live, *_: cloud.vm_migrate(vid, hid, live), "vid"),
             "one.vm.deploy": _ack(lambda vid, hid, *_: cloud.vm_deploy(vid, hid), "vid"),
-            "one.datastorepool.info": self.datastorepool_info,
+            "one.datastorepool.info": self.datastorepool_info, "one.clusterpool.info": self.clusterpool_info,
             "one.system.version": lambda: ONED_VERSION, "one.system.config": self.system_config,
             "lab.host.kill": _ack(lambda hid: cloud.host_kill(hid), "hid"),
             "lab.host.partition": _ack(lambda hid: cloud.host_partition(hid), "hid"),
@@ -254,6 +255,10 @@ class LabRpc:
     def datastorepool_info(self, *_: int) -> str:
         with self.cloud.lock:
             return xmlwriter.datastore_pool_xml(self.cloud)
+
+    def clusterpool_info(self, *_: int) -> str:
+        with self.cloud.lock:
+            return xmlwriter.cluster_pool_xml(self.cloud)
 
     def system_config(self) -> str:
         # oned.conf as XML; MONITORING_INTERVAL_HOST is gone since 5.12 (REFERENCE §1), so it is not here either.

@@ -190,6 +190,22 @@ def datastore_pool_xml(cloud: Cloud) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Clusters (`Cluster::to_xml`, src/cluster/Cluster.cc: ID, NAME, HOSTS, DATASTORES, VNETS, TEMPLATE; no plan)
+
+def cluster_pool_xml(cloud: Cloud) -> str:
+    out = []
+    for cid in sorted(cloud.cluster_ds):
+        hosts = "".join(f"<ID>{h.id}</ID>" for h in cloud.hosts.values() if h.cluster_id == cid)
+        stores = "".join(f"<ID>{d.id}</ID>" for d in sorted(cloud.datastores.values(), key=lambda d: d.id)
+                         if cid in d.cluster_ids)
+        name = "default" if cid == 0 else f"cluster{cid}"
+        out.append(f"<CLUSTER><ID>{cid}</ID><NAME>{name}</NAME><HOSTS>{hosts}</HOSTS>"
+                   f"<DATASTORES>{stores}</DATASTORES><VNETS/>"
+                   f"{template('TEMPLATE', {'RESERVED_CPU': '', 'RESERVED_MEM': ''})}</CLUSTER>")
+    return "<CLUSTER_POOL>" + "".join(out) + "</CLUSTER_POOL>"
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Hook messages (REFERENCE §2; `src/hm/HookStateHost.cc`, `HookStateVM.cc`): names outside, numbers inside.
 
 def hook_message(kind: str, oid: int, state: str, lcm: str | None, remote_host: str | None, body: str) -> str:

@@ -308,3 +308,13 @@ def test_every_vm_and_host_body_validates_against_opennebulas_schemas() -> None:
         held = reply(lab, "one.vm.info", call(url, "lab.vm.create", {"STATE": "HOLD"}))[1]
         assert validate("vm.xsd", held) != []
         assert validate("vm.xsd", held.replace("<VCPU>", "<TM_MAD_SYSTEM>ssh</TM_MAD_SYSTEM><VCPU>")) == []
+
+
+def test_clusterpool_info() -> None:
+    with running_lab(hosts=4, clusters=2, **LAB) as lab:
+        pool = body(lab, "one.clusterpool.info")
+        clusters = {c.findtext("NAME"): c for c in pool.findall("CLUSTER")}
+        assert sorted(clusters) == ["cluster1", "default"]
+        assert [i.text for i in clusters["cluster1"].findall("HOSTS/ID")] == ["1", "3"]
+        assert [i.text for i in clusters["cluster1"].findall("DATASTORES/ID")] == ["1", "101"]
+        assert [e.tag for e in clusters["default"]] == ["ID", "NAME", "HOSTS", "DATASTORES", "VNETS", "TEMPLATE"]
