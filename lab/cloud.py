@@ -155,8 +155,8 @@ class Vm:
         return f"ACTIVE/{self.lcm.name}" if self.state == VmState.ACTIVE else self.state.name
 
 
-# (kind, id, state name, lcm name or None, remote host name or None, object xml)
-EventSink = Callable[[str, int, str, str | None, str | None, str], None]
+# (kind, id, state name, lcm name or None, remote host name or None, object xml, OneFlow SERVICE_ID or None)
+EventSink = Callable[[str, int, str, str | None, str | None, str, str | None], None]
 
 FAILURE_OF_STAGE = {  # when a step out of this LCM state fails (host unreachable or sticky fail), it lands here
     "PROLOG": "PROLOG_FAILURE", "BOOT": "BOOT_FAILURE", "PROLOG_MIGRATE": "PROLOG_MIGRATE_FAILURE",
@@ -310,14 +310,15 @@ class Cloud:
         self._record("vm", vm.id, vm.state_name(), emit=False)
         if emit and self.sink is not None:
             hostname = vm.history[-1].hostname if vm.history else None
-            self.sink("VM", vm.id, state.name, lcm_name, hostname, self.xml.vm_xml(self, vm, full=True))
+            self.sink("VM", vm.id, state.name, lcm_name, hostname, self.xml.vm_xml(self, vm, full=True),
+                      vm.user_template.get("SERVICE_ID") or None)
 
     def _set_host(self, host: Host, state: HostState) -> None:
         host.prev_state, host.state = host.state, state
         self._touch_host(host)
         self._record("host", host.id, state.name, emit=False)
         if self.sink is not None:
-            self.sink("HOST", host.id, state.name, None, host.name, self.xml.host_xml(self, host))
+            self.sink("HOST", host.id, state.name, None, host.name, self.xml.host_xml(self, host), None)
 
     def _record(self, kind: str, oid: int, name: str, emit: bool) -> None:
         self.timeline.append((time.time(), kind, oid, name))

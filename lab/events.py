@@ -47,14 +47,17 @@ class EventPublisher:
         self._thread.start()
 
     def publish(self, kind: str, oid: int, state: str, lcm: str | None, remote_host: str | None,
-                body: str) -> None:
+                body: str, service_id: str | None = None) -> None:
         """Queue one state change as oned's two messages (the STATE key form and the object key form)."""
         if self.drop_rate > 0 and self._rng.random() < self.drop_rate:
             self.dropped += 1  # the whole change is lost, as when a subscriber misses it
             return
-        doc = xmlwriter.hook_message(kind, oid, state, lcm, remote_host, body)
+        doc = xmlwriter.hook_message(kind, oid, state, lcm, remote_host, body, service_id)
         content = base64.b64encode(doc.encode("utf-8"))  # one line: b64encode never inserts line breaks
-        change = ((kind, oid), keys(kind, oid, state, lcm), content)
+        frames = keys(kind, oid, state, lcm)
+        if service_id:  # a VM of a OneFlow service: one_hm.rb adds `EVENT SERVICE <id> `
+            frames.append(f"EVENT SERVICE {service_id} ".encode())
+        change = ((kind, oid), frames, content)
         with self._held_lock:
             held, self._held = self._held, None
             if held is not None and held[0] == change[0]:

@@ -208,13 +208,16 @@ def cluster_pool_xml(cloud: Cloud) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # Hook messages (REFERENCE §2; `src/hm/HookStateHost.cc`, `HookStateVM.cc`): names outside, numbers inside.
 
-def hook_message(kind: str, oid: int, state: str, lcm: str | None, remote_host: str | None, body: str) -> str:
+def hook_message(kind: str, oid: int, state: str, lcm: str | None, remote_host: str | None, body: str,
+                 service_id: str | None = None) -> str:
     if kind == "HOST":
         # HookStateHost emits REMOTE_HOST before RESOURCE_ID (unlike the schema).
         return ("<HOOK_MESSAGE><HOOK_TYPE>STATE</HOOK_TYPE><HOOK_OBJECT>HOST</HOOK_OBJECT>"
                 f"<STATE>{state}</STATE><REMOTE_HOST>{esc(remote_host or '')}</REMOTE_HOST>"
                 f"<RESOURCE_ID>{oid}</RESOURCE_ID>{body}</HOOK_MESSAGE>")
     remote = f"<REMOTE_HOST>{esc(remote_host)}</REMOTE_HOST>" if remote_host else "<REMOTE_HOST/>"
+    # HookStateVM.cc: SERVICE_ID (from the user template) after RESOURCE_ID, for VMs of a OneFlow service
+    service = f"<SERVICE_ID>{esc(service_id)}</SERVICE_ID>" if service_id else ""
     return ("<HOOK_MESSAGE><HOOK_TYPE>STATE</HOOK_TYPE><HOOK_OBJECT>VM</HOOK_OBJECT>"
             f"<STATE>{state}</STATE><LCM_STATE>{lcm}</LCM_STATE><RESOURCE_ID>{oid}</RESOURCE_ID>"
-            f"{remote}{body}</HOOK_MESSAGE>")
+            f"{service}{remote}{body}</HOOK_MESSAGE>")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import xml.etree.ElementTree as ET
 import xmlrpc.client
 from pathlib import Path
@@ -232,7 +233,8 @@ def test_a_failing_tick_is_logged_counted_and_the_clock_goes_on() -> None:
 
 def test_frames_object_key_first_and_reordering_on_request() -> None:
     """one_hm.rb publishes `EVENT HOST 3/ERROR/ ` before `EVENT STATE HOST/ERROR//3 `; its 15 threads may deliver
-    changes of different objects out of order (lab.faults event_reorder_rate)."""
+    changes of different objects out of order (lab.faults event_reorder_rate); a OneFlow VM adds
+    `EVENT SERVICE <id> `."""
     import zmq
 
     with running_lab(hosts=3, **LAB) as lab:
@@ -258,6 +260,12 @@ def test_frames_object_key_first_and_reordering_on_request() -> None:
             assert got == [b"EVENT HOST 2/DISABLED/ ", b"EVENT STATE HOST/DISABLED//2 ",
                            b"EVENT HOST 1/MONITORED/ ", b"EVENT STATE HOST/MONITORED//1 "]
             assert call(lab.rpc_url, "lab.stats")["events_reordered"] == 1
+            call(lab.rpc_url, "lab.faults", {"event_reorder_rate": 0.0})
+            vid = call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "USER_TEMPLATE": {"SERVICE_ID": "12"}})
+            frames = [sock.recv_multipart() for _ in range(3)]
+            assert [f[0] for f in frames] == [f"EVENT VM {vid}/ACTIVE/RUNNING ".encode(),
+                                              f"EVENT STATE VM/ACTIVE/RUNNING/{vid} ".encode(), b"EVENT SERVICE 12 "]
+            assert b"<SERVICE_ID>12</SERVICE_ID>" in base64.b64decode(frames[2][1])
         finally:
             sock.close(linger=0)
 
