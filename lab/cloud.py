@@ -956,6 +956,12 @@ def _recover_lcm(c: Cloud, vm: Vm, success: bool) -> str | None:
             c._set(vm, VmState.ACTIVE, L(FAILURE_OF_STAGE[name]))
     elif name in RETRY_STAGE and success:  # a failure state: `trigger_<stage>_success`
         _stage_success(c, vm, RETRY_STAGE[name])
+    elif name.startswith("PROLOG_MIGRATE") and name.endswith("_FAILURE") and len(vm.history) >= 2:
+        # `trigger_prolog_failure` on a failed migration: back to the previous host, in a new history record
+        # cloned from the previous one, then `trigger_prolog_success` from there
+        back = c.hosts[vm.history[-2].hid]
+        c._open_history(vm, back, vm.history[-1].action)
+        _stage_success(c, vm, RETRY_STAGE[name])
     # else (RUNNING, LCM_INIT, a failure state with op 0, ...): nothing changes, and the call succeeded
     return None
 

@@ -183,6 +183,14 @@ def test_recover_ops_0_and_1_semantics() -> None:
         wait_until(lambda: state_of(lab, 3)[:2] == (3, 3), 5, what="PROLOG_FAILURE -> BOOT -> RUNNING")
         states = [s for _, k, i, s in call(url, "lab.oracle")["timeline"] if (k, i) == ("vm", 3)]
         assert states[-2:] == ["ACTIVE/BOOT", "ACTIVE/RUNNING"]
+        # op 0 on a failed migration: back to the previous host in a new history record, booted there
+        call(url, "one.vm.migrate", 0, 1, False)
+        wait_until(lambda: state_of(lab, 0)[:2] == (3, 3), 5, what="migrated")
+        call(url, "lab.vm.fail", 0, "PROLOG_MIGRATE_FAILURE")
+        call(url, "one.vm.recover", 0, 0)
+        wait_until(lambda: state_of(lab, 0)[:2] == (3, 3), 5, what="RUNNING on the previous host")
+        hids = [h.findtext("HID") for h in body(lab, "one.vm.info", 0).iter("HISTORY")]
+        assert hids == ["0", "1", "0"] and call(url, "lab.oracle")["running"]["0"] == [0]
 
 
 def test_host_error_clears_resched_says_why_and_scheduler_migrations_say_migrate() -> None:
