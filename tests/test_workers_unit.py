@@ -26,6 +26,13 @@ def host(hid: int, state: HostState = HostState.MONITORED, cluster: int = 0) -> 
     return HostView(hid, f"host{hid}", state, cluster)
 
 
+def test_select_takes_a_poweroff_nobody_asked_for() -> None:
+    crashed = VmView(9, "vm9", VmState.POWEROFF, LcmState.LCM_INIT, 1, "host1", 0, history_action=44)
+    asked = VmView(10, "vm10", VmState.POWEROFF, LcmState.LCM_INIT, 1, "host1", 0, history_action=19)
+    chosen, _ = select_vms([crashed, asked], 1, include_suspended=False)
+    assert [v.id for v in chosen] == [9]
+
+
 def test_select_keeps_this_hosts_active_vms_by_priority_and_skips_opted_out() -> None:
     vms = [vm(1, prio=0), vm(2, prio=3), vm(3, prio=3), vm(4, hid=2, prio=9), vm(5, ha="NO", prio=9),
            vm(6, VmState.SUSPENDED, LcmState.LCM_INIT, prio=5), vm(7, VmState.POWEROFF, LcmState.LCM_INIT),

@@ -118,7 +118,7 @@ def vm_failure_flow(flow: Flow) -> str:
                           policy.vm_failure_action, "recovered")
         return _close(flow, Status.NO_ACTION, f"not in a failure state: {vm.state_name}", vm, "none", "no_action",
                       handled=False)
-    if vm.ha_opt_out:  # the incident may come from a short pool body, which does not show HA (reconciler, old)
+    if vm.ha_opt_out:  # whatever opened the incident may have read a short pool body, which does not show HA
         return _close(flow, Status.NO_ACTION, "opted out: HA = NO", vm, "none", "no_action")
     if policy.vm_failure_action == "none":
         return _close(flow, Status.NO_ACTION, "vm_failure_action = none", vm, "none", "no_action")

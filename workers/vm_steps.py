@@ -40,10 +40,13 @@ OFF_STATES = (VmState.SUSPENDED, VmState.POWEROFF)
 def select_vms(vms: Iterable[VmView], host_id: int, include_suspended: bool) -> tuple[list[VmView], list[VmView]]:
     """(to recover in order, opted out): last history on this host, ACTIVE (+ SUSPENDED/POWEROFF), HA != NO.
 
+    A POWEROFF nobody asked for (`VmView.unrequested_poweroff`: crashed before its host died) is meant to run: it is
+    recovered whatever `include_suspended` says.
+
     Order: HA_PRIORITY descending, then VM id (stable, so a re-run dispatches in the same order).
     """
     states = RECOVERABLE_HOST_STATES + (OFF_STATES if include_suspended else ())
-    on_host = [v for v in vms if v.hid == host_id and v.state in states]
+    on_host = [v for v in vms if v.hid == host_id and (v.state in states or v.unrequested_poweroff)]
     chosen = sorted((v for v in on_host if not v.ha_opt_out), key=lambda v: (-v.ha_priority, v.id))
     return chosen, [v for v in on_host if v.ha_opt_out]
 
