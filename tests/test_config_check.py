@@ -103,3 +103,12 @@ def test_oned_down_and_a_busy_metrics_port(tmp_path: Path, redis_url: str) -> No
     assert lines_of(res.stdout, "✗ oned reachable"), res.stdout
     assert any(line.startswith("! metrics port (worker)") and "taken by another program" in line
                for line in res.stdout.splitlines()), res.stdout
+
+
+def test_missing_credentials_file_is_named(tmp_path: Path, redis_url: str) -> None:
+    cfg = write_config(tmp_path, redis_url, "http://127.0.0.1:2633/RPC2")
+    (tmp_path / "one_auth").unlink()
+    res = check(cfg)
+    assert res.returncode == 1
+    assert any(line.startswith("✗ oned credentials: cannot read oned credentials from") and "one_auth" in line
+               for line in res.stdout.splitlines()), res.stdout
