@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from lab.sim import LabCloud
 from oneha.keys import Keys
 from oneha.waiting import wait_until
-from tests.labkit import running_lab
+from tests.labkit import FAST, running_lab
 from tests.workerkit import write_config
 
 ONEHA = [sys.executable, "-m", "oneha"]
@@ -122,3 +123,32 @@ def test_several_workers_on_one_machine_all_heartbeat(tmp_path: Path, redis_url:
                 p.terminate()
             for p in procs:
                 p.wait(timeout=20)
+
+
+@pytest.mark.parametrize("service", ["subscribe", "reconcile"])
+def test_credentials_refused_after_start_stop_with_2(tmp_path: Path, redis_url: str, service: str) -> None:
+    """oned down at start (so the start check could not tell), then up with other credentials: exit 2, not a loop."""
+    endpoint = dead_endpoint()
+    port = int(endpoint.rsplit(":", 1)[1].split("/")[0])
+    cfg = write_config(tmp_path, redis_url, endpoint, session="oneadmin:wrong")
+    with cfg.open("a") as f:
+        f.write("[subscriber]\nreconcile_interval_s = 0.3\nmetrics_port = 0\n")
+    proc = subprocess.Popen([*ONEHA, service, "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        wait_until(lambda: proc.poll() is not None or any(k.startswith("subscriber:")
+                                                          for k in client.hkeys(Keys().heartbeat)),
+                   20, what="service running")
+        assert proc.poll() is None
+        lab = LabCloud(**FAST).start(port=port)  # oned comes up, with other credentials than ours
+        try:
+            _, err = proc.communicate(timeout=20)
+        finally:
+            lab.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, err[-2000:]
+    assert "permanent error" in err and "one_auth" in err and "wrong" not in err
