@@ -44,6 +44,10 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "one.clusterpool.info": ((), (int, int, int)),
     "one.system.version": ((), ()),
     "one.system.config": ((), ()),
+    # src/rm/xml-rpc/UserXRPC.h ("A:sib"; -1 = the caller) and HookXRPC.h ("A:siii": filter, start, end).
+    "one.user.info": ((int,), (bool,)),
+    "one.hookpool.info": ((int, int, int), ()),
+    "lab.hook.create": ((dict,), ()),
     "lab.host.kill": ((int,), ()),
     "lab.host.partition": ((int,), ()),
     "lab.host.revive": ((int,), ()),
@@ -153,6 +157,7 @@ class LabRpc:
         self.faults = faults
         self.stats = stats
         self.events = events
+        self.hooks: list[dict[str, str]] = []  # registered with lab.hook.create, read with one.hookpool.info
         self.handlers: dict[str, Callable[..., Any]] = {
             "one.hostpool.info": self.hostpool_info, "one.host.info": self.host_info,
             "one.host.status": _ack(lambda hid, status: cloud.host_status(hid, status), "hid"),
@@ -170,6 +175,8 @@ class LabRpc:
             "lab.host.fence": _ack(lambda hid: cloud.host_fence(hid), "hid"),
             "lab.vm.crash": _ack(lambda vid, reason="missing": cloud.vm_crash(vid, reason), "vid"),
             "lab.vm.fail": _ack(lambda vid, name="BOOT_FAILURE", sticky=False: cloud.vm_fail(vid, name, sticky), "vid"),
+            "one.user.info": self.user_info, "one.hookpool.info": self.hookpool_info,
+            "lab.hook.create": self.hook_create,
             "lab.vm.create": cloud.create_vm, "lab.faults": self.set_faults,
             "lab.oracle": lambda since=0.0: cloud.oracle(since), "lab.stats": self.get_stats,
         }
@@ -267,7 +274,29 @@ class LabRpc:
                 "<HM_MAD><EXECUTABLE>one_hm</EXECUTABLE><ARGUMENTS>-p 2101 -l 2102 -b 127.0.0.1</ARGUMENTS>"
                 "</HM_MAD></OPENNEBULA_CONFIGURATION>")
 
+    def user_info(self, uid: int, decrypt: bool = False) -> str:
+        # The lab's one user is the session's; -1 means the caller (UserInfoAPI), 0 is oneadmin.
+        if uid not in (-1, 0):
+            raise LabError(ErrorCode.NO_EXISTS, f"Error getting user [{uid}].", uid)
+        return xmlwriter.user_xml(0, self.session.split(":", 1)[0])
+
+    def hookpool_info(self, filt: int, start: int, end: int) -> str:
+        with self.cloud.lock:
+            return xmlwriter.hook_pool_xml([h for h in self.hooks if _in_range(int(h["ID"]), start, end)])
+
     # -- lab.* ---------------------------------------------------------------------------------------------------
+
+    def hook_create(self, hook: dict[str, Any]) -> int:
+        """Register a hook as `onehook create` would (NAME, TYPE and template attributes such as COMMAND,
+        RESOURCE, STATE); the lab never runs it. Returns its ID."""
+        attrs = {str(k).upper(): str(v) for k, v in hook.items()}
+        if not {"NAME", "TYPE", "COMMAND"} <= attrs.keys():
+            raise LabError(ErrorCode.XML_RPC_API, "a hook needs NAME, TYPE and COMMAND", -1)
+        with self.cloud.lock:
+            hid = len(self.hooks)
+            self.hooks.append({**attrs, "ID": str(hid)})
+        return hid
+
 
     def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
         knobs = dict(knobs or {})

@@ -205,6 +205,28 @@ def cluster_pool_xml(cloud: Cloud) -> str:
     return "<CLUSTER_POOL>" + "".join(out) + "</CLUSTER_POOL>"
 
 
+# Users (user.xsd) and hooks (hook.xsd, hook_pool.xsd): only what `oneha config check` reads. The lab has one user
+# (oneadmin, ID 0, group 0); hooks are whatever `lab.hook.create` registered.
+
+def user_xml(uid: int, name: str) -> str:
+    return (f"<USER><ID>{uid}</ID><GID>0</GID><GROUPS><ID>0</ID></GROUPS><GNAME>oneadmin</GNAME>"
+            f"<NAME>{esc(name)}</NAME><PASSWORD>-</PASSWORD><AUTH_DRIVER>core</AUTH_DRIVER><ENABLED>1</ENABLED>"
+            "<TEMPLATE/><DEFAULT_USER_QUOTAS/></USER>")
+
+
+# hook.xsd orders the TEMPLATE elements alphabetically; oned writes them in the same order.
+_HOOK_FIELDS = ("ARGUMENTS", "ARGUMENTS_STDIN", "CALL", "COMMAND", "LCM_STATE", "REMOTE", "RESOURCE", "STATE")
+
+
+def hook_pool_xml(hooks: list[dict[str, str]]) -> str:
+    body = []
+    for hook in hooks:
+        tmpl = template("TEMPLATE", {k: hook[k] for k in _HOOK_FIELDS if k in hook})
+        body.append(f"<HOOK><ID>{hook['ID']}</ID><NAME>{esc(hook['NAME'])}</NAME><TYPE>{esc(hook['TYPE'])}</TYPE>"
+                    f"{tmpl}</HOOK>")
+    return "<HOOK_POOL>" + "".join(body) + "</HOOK_POOL>"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Hook messages (REFERENCE §2; `src/hm/HookStateHost.cc`, `HookStateVM.cc`): names outside, numbers inside.
 

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "worker": "workers.cli:worker",
     "incidents": "oneha.incidents_cli:incidents",
     "config": "oneha.config_cli:config",
+    "deploy": "oneha.deploy_cli:deploy",
 }
 
 

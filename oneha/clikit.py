@@ -14,11 +14,19 @@ config_option = click.option("--config", type=click.Path(dir_okay=False, path_ty
 
 
 def settings_or_exit(config: Path | str | None, need_oned: bool = False) -> Settings:
-    """Validated settings; any problem (file, values, oned credentials if needed) -> message on stderr, exit 2."""
+    """Validated settings; any problem (file, values, oned credentials if needed) -> message on stderr, exit 2.
+
+    With `need_oned` (the long-running services) oned is asked once: credentials it refuses are a permanent error
+    too, while an oned that cannot be reached is only a warning (the services retry on their own)."""
     try:
         settings = load_settings(config)
         if need_oned:
+            from oneha.preflight import check_oned_at_start
+
             _ = settings.oned_session  # fail at start, not at the first oned call
+            warning = check_oned_at_start(settings)
+            if warning:
+                click.echo(f"oneha: warning: {warning}", err=True)
     except ConfigError as exc:
         click.echo(f"oneha: {exc}", err=True)
         sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,31 @@ def config() -> None:
 
 @config.command()
 @config_option
-def check(config: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for tools) instead of lines.")
+@click.option("--zmq-wait", "zmq_wait_s", type=float, default=3.0, show_default=True,
+              help="Seconds to wait for each ZeroMQ publisher to connect and send a frame.")
+def check(config: Path | None, as_json: bool, zmq_wait_s: float) -> None:
+    """Check the configuration and the world around it: oned, credentials, Redis, broker, fencing, metrics ports,
+    OpenNebula's own host_error hook, ZeroMQ. One line per check; exit 1 if anything prevents recovery, 2 if the
+    file itself is invalid."""
+    from oneha.checks import run_all
+
+    settings = settings_or_exit(config)
+    checks = run_all(settings, zmq_wait_s)
+    failed = [c for c in checks if c.status == "fail"]
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "checks": [c.as_dict() for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            click.echo(c.line())
+        click.echo(f"{len(failed)} problem(s) prevent recovery" if failed else "ready: nothing prevents recovery")
+    if failed:
+        sys.exit(1)
+
+
+@config.command()
+@config_option
+def show(config: Path | None) -> None:
     """Validate the configuration and print the effective settings (secrets hidden)."""
     settings = settings_or_exit(config)
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
@@ -53,7 +78,8 @@ def render_docs() -> str:
         "oneha reads a TOML file (`--config FILE` or `$ONEHA_CONFIG`) and environment overrides",
         "`ONEHA_<SECTION>__<FIELD>` (e.g. `ONEHA_REDIS__URL`), which win over the file. OpenNebula's own",
         "`ONE_XMLRPC` (endpoint) and `ONE_AUTH` (path of the `user:password` file) are honoured.",
-        "Credentials are never taken from the command line. `oneha config check` validates a file.",
+        "Credentials are never taken from the command line. `oneha config check` checks a file and the world",
+        "around it (oned, Redis, fencing, ...); `oneha config show` prints the effective settings.",
         "",
     ]
     for section, model in SECTIONS.items():

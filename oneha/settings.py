@@ -11,8 +11,9 @@ import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 HostAction = Literal["migrate", "recreate", "delete", "none"]
@@ -109,6 +110,15 @@ class OnedSettings(_Strict):
     call_attempts: int = Field(5, ge=1, description="Attempts for a call failing transiently.")
     backoff_base_s: float = Field(0.2, gt=0, description="First retry waits up to this (full jitter), doubling.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between two attempts.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # pyone would take anything else for a gRPC address and fail on every call, for ever (REFERENCE §5).
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL (e.g. http://localhost:2633/RPC2), got {value!r}")
+        return value
 
     def read_session(self) -> str:
         if self.session is not None:

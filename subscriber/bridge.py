@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import re
 import socket
 import sys
 import time
@@ -161,13 +162,37 @@ def read_stdin() -> bytes:
 
 
 def hand_over(kind: str, data: bytes) -> str:
+    """Queue the event; returns the line that says what was queued where (oned keeps it in the hook's log)."""
     url, prefix = redis_target()
     fields: dict[str, str | bytes] = {"kind": kind, "data": data, "t": f"{time.time():.6f}"}
+    stream = Keys(prefix).bridge_stream
     try:
-        return xadd(url, Keys(prefix).bridge_stream, fields)
+        entry = xadd(url, stream, fields)
     except (OSError, ValueError, ConnectionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         raise BridgeError(f"cannot hand the event to Redis at {redacted(url)}: {reason}", 1) from exc
+    return f"queued {describe(kind, data)} as entry {entry} of {stream} at {redacted(url)}"
+
+
+_TAGS = {name: re.compile(rb"<" + name + rb">([A-Za-z0-9_]{1,40})</" + name + rb">")
+         for name in (b"HOOK_OBJECT", b"RESOURCE_ID", b"STATE", b"LCM_STATE")}
+
+
+def describe(kind: str, data: bytes) -> str:
+    """What the event is about, for the operator's eyes only (the subscriber decodes it properly): a few tags of
+    the hook message's head are looked up, nothing is parsed or trusted."""
+    if kind == "hid":
+        return f"host {data.decode()}"
+    if kind == "vm_id":
+        return f"VM {data.decode()}"
+    try:
+        head = binascii.a2b_base64(data[:4096], strict_mode=False)[:2048]
+    except binascii.Error:
+        head = b""
+    found = {name.decode(): m[1].decode() for name, rx in _TAGS.items() if (m := rx.search(head))}
+    what = f"{found.get('HOOK_OBJECT', 'event').lower()} {found.get('RESOURCE_ID', '?')}".replace("vm ", "VM ")
+    state = "/".join(found[k] for k in ("STATE", "LCM_STATE") if k in found)
+    return f"{what} {state} (template, {len(data)} bytes)" if state else f"{what} (template, {len(data)} bytes)"
 
 
 @click.command()
@@ -197,4 +222,4 @@ def bridge(template: str | None, use_stdin: bool, hid: int | None, vm_id: int | 
     except BridgeError as exc:
         click.echo(f"oneha bridge: {exc}", err=True)
         sys.exit(exc.code)
-    click.echo(entry)
+    click.echo(entry)  # the line saying what was queued

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ def subscribe(config: Path | None) -> None:
     from subscriber.service import Service
 
     configure()
-    Service(settings).run_until_signalled()
+    sys.exit(Service(settings).run_until_signalled())
 
 
 @click.command()
@@ -30,4 +31,4 @@ def reconcile(config: Path | None) -> None:
     from subscriber.service import Service
 
     configure()
-    Service(settings, components=("dispatcher", "reconciler")).run_until_signalled()
+    sys.exit(Service(settings, components=("dispatcher", "reconciler")).run_until_signalled())

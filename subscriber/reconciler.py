@@ -67,6 +67,14 @@ class PassStats:
                 "seconds": round(self.seconds, 4), **{f"n_{k}": v for k, v in self.outcomes.items()}}
 
 
+def is_refused(exc: BaseException) -> bool:
+    """oned answered AUTHENTICATION: the session is wrong, which no retry fixes (a service started while oned was
+    down could not tell at start)."""
+    import pyone
+
+    return isinstance(exc, pyone.OneAuthenticationException)
+
+
 def chunks(ids: list[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(ids), size):
         yield ids[i:i + size]
@@ -75,8 +83,9 @@ def chunks(ids: list[int], size: int) -> Iterator[list[int]]:
 class Reconciler:
     def __init__(self, oned: Callable[[], OnedClient], intake: Intake, store: IncidentStore,
                  interval_s: float, full_interval_s: float, stop: threading.Event,
-                 broker: redis.Redis | None = None) -> None:
+                 broker: redis.Redis | None = None, on_refused: Callable[[str], None] | None = None) -> None:
         self.oned = oned
+        self.on_refused = on_refused  # oned refused our credentials: retrying cannot help
         self.intake = intake
         self.store = store
         self.interval_s = interval_s
@@ -110,6 +119,8 @@ class Reconciler:
                 metrics.ONED_ERRORS.labels("reconciler").inc()
                 log.warning("reconcile: oned call failed", extra=kv(scan=scan, error=type(exc).__name__,
                                                                      detail=str(exc)[:200]))
+                if self.on_refused is not None and is_refused(exc):
+                    self.on_refused(f"oned refused the credentials: {str(exc)[:200]}")
                 continue
             stats.seconds = time.perf_counter() - start
             metrics.RECONCILE_DURATION.labels(scan).observe(stats.seconds)

@@ -72,8 +72,9 @@ class Service:
         self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
                                      max_event_bytes=sub.max_event_bytes)
         broker = redis_client(settings.broker_url) if settings.broker_url.startswith("redis") else None
+        self.fatal: str | None = None  # why the service stopped by itself (exit code 2)
         self.reconciler = Reconciler(self.oned, self.intake, self.store, sub.reconcile_interval_s,
-                                     sub.full_scan_interval_s, self.stop_event, broker)
+                                     sub.full_scan_interval_s, self.stop_event, broker, on_refused=self._refused)
 
     @cached_property
     def dispatcher(self) -> Dispatcher:
@@ -136,7 +137,16 @@ class Service:
         self.r.close()
         log.info("subscriber stopped")
 
-    def run_until_signalled(self) -> None:
+    def _refused(self, reason: str) -> None:
+        """A permanent error found after start: stop, and exit 2 so that systemd does not restart us in a loop."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("stopping: permanent error, exit code 2",
+                      extra=kv(reason=reason, fix=f"check the user:password in {self.settings.oned.auth_file}"))
+        self.stop_event.set()
+
+    def run_until_signalled(self) -> int:
+        """Run until SIGTERM/SIGINT (returns 0) or a permanent error (returns 2)."""
         def handler(signum: int, _frame: FrameType | None) -> None:
             log.info("signal received, stopping", extra=kv(signal=signal.Signals(signum).name))
             self.stop_event.set()
@@ -147,3 +157,4 @@ class Service:
         while not self.stop_event.wait(0.5):
             pass
         self.stop()
+        return 2 if self.fatal else 0

@@ -57,7 +57,16 @@ def one(unit: dict[str, dict[str, list[str]]], section: str, key: str) -> str:
 
 def test_every_unit_is_known():
     names = {p.name for p in UNITS.iterdir()}
-    assert names == set(SERVICES)
+    assert names == set(SERVICES) | {"oneha-flower.service"}
+
+
+def test_flower_unit_requires_auth_and_stays_on_loopback():
+    unit = parse_unit(UNITS / "oneha-flower.service")
+    argv = shlex.split(one(unit, "Service", "ExecStart"))
+    assert argv[:4] == ["/opt/oneha/venv/bin/celery", "-A", "workers.app:app", "flower"]
+    assert "--address=127.0.0.1" in argv and not any("BASIC_AUTH" in a or "auth" in a for a in argv)
+    assert one(unit, "Service", "EnvironmentFile") == "/etc/oneha/flower.env"  # FLOWER_BASIC_AUTH, not argv
+    assert one(unit, "Service", "User") == "oneha"
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -240,12 +249,12 @@ def test_bridge_wrapper_passes_arguments_untouched(tmp_path):
         return subprocess.run([str(wrapper), *args], input=stdin, capture_output=True, text=True, env=env,
                               check=True).stdout
 
-    assert run("--hid", "3") == "[bridge]\n[--hid]\n[3]\ncfg=/etc/oneha/oneha.toml\n"
+    assert run("--hid", "3") == "[bridge]\n[--hid]\n[3]\ncfg=/etc/oneha/bridge.toml\n"
     assert run("--vm-id", "42") .startswith("[bridge]\n[--vm-id]\n[42]\n")
     # onehook ARGUMENTS_STDIN=yes: no arguments, the template on stdin
-    assert run(stdin="PEhPU1Q+") == "[bridge]\n[--stdin]\ncfg=/etc/oneha/oneha.toml\nPEhPU1Q+"
+    assert run(stdin="PEhPU1Q+") == "[bridge]\n[--stdin]\ncfg=/etc/oneha/bridge.toml\nPEhPU1Q+"
     # hostile argument text stays one argument and is not evaluated
-    assert run("$(touch x); `id` *") == "[bridge]\n[$(touch x); `id` *]\ncfg=/etc/oneha/oneha.toml\n"
+    assert run("$(touch x); `id` *") == "[bridge]\n[$(touch x); `id` *]\ncfg=/etc/oneha/bridge.toml\n"
     assert not (tmp_path / "x").exists()
 
 

@@ -27,14 +27,20 @@ from oneha.keys import HOST_QUEUE, VM_QUEUE
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", default=None, help="Celery node name (default oneha@<host>-<pid>).")
+@click.option("--instance", default=None, envvar="ONEHA_WORKER_INSTANCE", help=(
+    "Instance of the systemd unit (oneha-worker@N): a number N serves metrics on worker.metrics_port + N - 1, "
+    "so several workers on one machine each have their own port (unless ONEHA_WORKER__METRICS_PORT is set)."))
 def worker(config_file: Path | None, concurrency: int | None, queues: str, pool: str, loglevel: str,
-           hostname: str | None) -> None:
+           hostname: str | None, instance: str | None) -> None:
     """Start a recovery worker (Celery) on the configured broker."""
     from oneha.clikit import settings_or_exit
 
     if config_file is not None:  # the Celery app loads its settings from the environment
         os.environ["ONEHA_CONFIG"] = str(config_file.resolve())
     settings = settings_or_exit(None, need_oned=True)
+    port = instance_metrics_port(settings.worker.metrics_port, instance)
+    if port is not None and "ONEHA_WORKER__METRICS_PORT" not in os.environ:
+        os.environ["ONEHA_WORKER__METRICS_PORT"] = str(port)  # read again by the worker's own settings
     if concurrency is None:
         concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
     from workers.app import app
@@ -49,3 +55,10 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
     if settings.worker.dry_run:
         click.echo("oneha worker: DRY RUN: nothing will be changed in oned", err=True)
     app.worker_main(argv)
+
+
+def instance_metrics_port(base: int | None, instance: str | None) -> int | None:
+    """The metrics port of worker instance N (1, 2, ...): base + N - 1. None: keep the configured port."""
+    if base is None or base == 0 or instance is None or not instance.isdigit() or int(instance) < 1:
+        return None
+    return base + int(instance) - 1

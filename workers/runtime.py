@@ -179,16 +179,23 @@ def _warm_up() -> None:
 
 
 def start_metrics_and_heartbeat(hostname: str) -> None:
-    """In a worker process: serve Prometheus metrics, and beat `keys.heartbeat` so tools see the worker."""
+    """In a worker process: beat `keys.heartbeat` so tools see the worker, and serve Prometheus metrics.
+
+    The heartbeat comes first and does not depend on the metrics port: a port already taken (two workers on one
+    machine with the same port) costs the metrics of this worker, said in one error line, not its presence."""
     rt = get_runtime()
-    port = rt.settings.worker.metrics_port
-    if port is not None:
-        from prometheus_client import start_http_server
-
-        server, _ = start_http_server(port, addr=rt.settings.worker.metrics_bind)
-        log.info("worker metrics on http://%s:%d/metrics", rt.settings.worker.metrics_bind, server.server_port)
-
-    _warm_up()
     # The worker runs until its process ends: the stop event is never set, the hash entry simply ages out.
     threading.Thread(target=heartbeat.run, args=(rt.redis, rt.keys, f"worker:{hostname}", threading.Event()),
                      name="oneha-heartbeat", daemon=True).start()
+    port, bind = rt.settings.worker.metrics_port, rt.settings.worker.metrics_bind
+    if port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            server, _ = start_http_server(port, addr=bind)
+        except OSError as exc:
+            log.error("worker metrics: cannot listen on %s:%d (%s); give each worker on this machine its own port "
+                      "(oneha worker --instance N, or ONEHA_WORKER__METRICS_PORT)", bind, port, exc.strerror)
+        else:
+            log.info("worker metrics on http://%s:%d/metrics", bind, server.server_port)
+    _warm_up()
