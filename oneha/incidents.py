@@ -310,6 +310,13 @@ class IncidentStore:
     def handled_ids(self, resource: Resource) -> dict[int, str]:
         return {int(k): _text(v) for k, v in self.r.hgetall(self.keys.handled(resource)).items()}
 
+    def has_open_or_handled(self, resource: Resource, resource_id: int) -> bool:
+        """An open incident or a handled marker: what a "back to healthy" report would change."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.keys.open_incident(resource, resource_id))
+        pipe.hexists(self.keys.handled(resource), str(resource_id))
+        return any(pipe.execute())
+
     def open_incident_id(self, resource: Resource, resource_id: int) -> int | None:
         raw = self.r.get(self.keys.open_incident(resource, resource_id))
         return int(raw) if raw is not None else None

@@ -39,7 +39,7 @@ from oneha.opennebula import (
     VmView,
 )
 from subscriber import metrics
-from subscriber.intake import Intake, Outcome, failure_kind
+from subscriber.intake import RECONCILER, Intake, Outcome, failure_kind
 from subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.reconciler")
@@ -187,7 +187,7 @@ class Reconciler:
                 self._feed(VmEvent(vm.id, vm.state, vm.lcm_state, vm), stats)
 
     def _feed(self, event: HostEvent | VmEvent, stats: PassStats) -> None:
-        result = self.intake.handle(event, "reconciler")
+        result = self.intake.handle(event, RECONCILER)
         stats.outcomes[result.outcome.value] += 1
         if result.outcome is Outcome.OPENED:
             log.info("reconciler found an unreported failure", extra=kv(incident=result.incident_id))
