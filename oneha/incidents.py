@@ -144,6 +144,12 @@ local function report(open_key, handled_key, seq_key, due_key, index_key, prefix
     end
     redis.call('HDEL', handled_key, rid)
   end
+  if redis.call('EXISTS', seq_key) == 0 then
+    -- A new (or emptied) Redis: ids go on from milliseconds since 2025-01-01 (Redis time), not from 1, so they
+    -- never repeat ids handed out before an empty restart (unless more than 1000 were opened per second).
+    local t = redis.call('TIME')
+    redis.call('SET', seq_key, (tonumber(t[1]) - 1735689600) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  end
   local id = redis.call('INCR', seq_key)
   local key = prefix .. ':incident:' .. id
   redis.call('SET', open_key, id)
