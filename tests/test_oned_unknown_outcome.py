@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from oneha.incidents import Kind
 from oneha.keys import Keys
 from oneha.opennebula import ErrorKind, RecoverOp
 from oneha.settings import OnedSettings
@@ -89,3 +90,32 @@ def test_a_timed_out_change_is_not_resent_and_keeps_its_slot_until_oned_answers(
         wait_until(lambda: gw.semaphore.holders() == 0, 5, what="slots handed back")
         gw.vm_recover(1, RecoverOp.DELETE_RECREATE)  # another VM: unaffected
         assert call(lab.rpc_url, "lab.stats")["calls"]["one.vm.recover"] == 2
+
+
+@pytest.mark.slow
+def test_oned_hung_mid_resume_resumes_each_crashed_vm_once(tmp_path: Path, redis_url: str) -> None:
+    """The VM crash flow takes the same road: a resume without an answer is waited for, not sent again."""
+    with running_lab(hosts=2, **LAB) as lab:
+        url = lab.rpc_url
+        vms = [call(url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(12)]
+        for vid in vms:
+            call(url, "lab.vm.crash", vid)
+        oned = {"read_timeout_s": 0.4, "call_attempts": 6, "max_concurrent_calls": CAP, "abandon_after_s": 30.0}
+        with worker_stack(tmp_path, redis_url, url, workers=1, concurrency=8, oned=oned) as stack:
+            call(url, "lab.faults", {"latency_ms": 150})
+            incidents = [stack.report_vm(Kind.VM_CRASH, vid) for vid in vms]
+            wait_until(lambda: call(url, "lab.stats")["calls"].get("one.vm.action", 0) >= 1, 30,
+                       what="the first resume call")
+            call(url, "lab.faults", {"hang": True})
+            try:
+                time.sleep(3.0)  # the outage: a fault's duration, not a synchronisation
+                during = call(url, "lab.stats")
+            finally:
+                call(url, "lab.faults", {"hang": False, "latency_ms": 0})
+            closed = [stack.wait_closed(i, timeout_s=60) for i in incidents]
+            stats = call(url, "lab.stats")
+            o = call(url, "lab.oracle")
+    assert [c.status.value for c in closed] == ["recovered"] * len(vms), [c.detail for c in closed]
+    assert stats["calls"]["one.vm.action"] == len(vms)  # one resume per VM reached oned, none re-sent
+    assert {v: vm_timeline(o, v).count("ACTIVE/BOOT_UNKNOWN") for v in vms} == {v: 1 for v in vms}
+    assert during["max_concurrent"] <= CAP, during
