@@ -9,7 +9,10 @@ incident". So intake acts on a host event from an input other than oned's own po
 - MONITORED cancels a waiting incident only if oned says the host is healthy; if oned says otherwise, or cannot be
   read, nothing is cancelled (in doubt, do nothing: the worker re-reads the host at the due time anyway).
 - ERROR opens an incident only if oned does not say the host is healthy; if oned cannot be read, it opens (the
-  worker confirms the failure before anything is done, so opening is safe).
+  worker confirms the failure before anything is done, so opening is safe). oned publishes a host's state change
+  before it writes the host to its database (src/host/HostPool.cc, `HostPool::update`), so a read racing a real
+  ERROR event may still see the old state: a contradicted ERROR pokes the reconciler, whose host pool read (at
+  most `POKE_MIN_S` later) opens the incident if the failure is real. A real failure is delayed, never lost.
 
 oned's answer is cached per host for `max_age_s`; one that contradicts an event counts only if it was read after
 the event arrived (else it may predate the change the event reports, and oned is asked again). Reads are capped
@@ -37,8 +40,10 @@ class HostCheck:
     """Thread-safe; one per subscriber process."""
 
     def __init__(self, oned: Callable[[], OnedClient], max_age_s: float = 1.0, max_reads_per_s: float = 20.0,
-                 alert_after: int = 3, alert_window_s: float = 60.0) -> None:
+                 alert_after: int = 3, alert_window_s: float = 60.0,
+                 on_contradicted_failure: Callable[[], object] | None = None) -> None:
         self.oned = oned
+        self.on_contradicted_failure = on_contradicted_failure
         self.max_age_s = max_age_s
         self.max_reads_per_s = max_reads_per_s
         self.alert_after = alert_after
@@ -98,6 +103,8 @@ class HostCheck:
 
     def _disagree(self, event: HostEvent, state: HostState, source: str) -> None:
         label = "host_healthy" if event.state in HOST_HEALTHY_STATES else "host_error"
+        if label == "host_error" and self.on_contradicted_failure is not None:
+            self.on_contradicted_failure()  # the reconciler looks again soon: a real ERROR is at most delayed
         metrics.EVENT_DISAGREEMENTS.labels(source, label).inc()
         now = time.monotonic()
         fields = kv(host=event.host_id, event=event.state.name, oned=state.name, source=source)

@@ -85,3 +85,43 @@ def test_a_forged_error_for_a_healthy_host_opens_nothing_so_a_crash_on_it_is_not
         assert believed.handle(forged, "zmq").outcome is Outcome.OPENED
         owned = store.report_many([ReportRequest(Kind.VM_CRASH, other, 0, 0.0, "zmq", "0", 0)])[0]
         assert not owned.opened and owned.reason == "owned"
+
+
+def test_a_real_error_read_before_oned_wrote_it_is_only_delayed(redis_client: redis.Redis) -> None:
+    """oned publishes a host's new state before writing it (HostPool::update), so the check's read may see the old
+    state and contradict a real ERROR. The reconciler is poked and opens the incident at once, not a full
+    reconcile interval (here 60 s) later."""
+    from dataclasses import replace
+
+    from subscriber.reconciler import Reconciler
+
+    with running_lab(hosts=2, **LAB) as lab:
+        oned = OnedClient(make_server(lab.rpc_url, lab.session, 1.0, 3.0))
+
+        class RacedOnce:  # the real oned, except that the first host read is from before the ERROR was written
+            raced = False
+
+            def host_info(self, hid: int) -> object:
+                host = oned.host_info(hid)
+                if not RacedOnce.raced:
+                    RacedOnce.raced = True
+                    return replace(host, state=HostState.MONITORED)
+                return host
+
+        store = IncidentStore(redis_client)
+        stop = threading.Event()
+        reconciler: Reconciler | None = None
+        check = HostCheck(lambda: RacedOnce(), on_contradicted_failure=lambda: reconciler.poke())  # type: ignore
+        intake = Intake(store, Policy(), check=check)
+        reconciler = Reconciler(lambda: oned, intake, store, 60.0, 600.0, stop)
+        thread = threading.Thread(target=reconciler.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: reconciler.passes >= 1, 10, what="the first reconcile pass")
+            call(lab.rpc_url, "lab.host.kill", 1)
+            wait_until(lambda: "<STATE>3</STATE>" in call(lab.rpc_url, "one.host.info", 1), 10, what="ERROR")
+            assert intake.handle(HostEvent(1, HostState.ERROR, None), "zmq").outcome is Outcome.UNCONFIRMED
+            wait_until(lambda: store.open_incident_id("host", 1), 6, what="the reconciler to open the incident")
+        finally:
+            stop.set()
+            thread.join(5)
