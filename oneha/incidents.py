@@ -144,6 +144,12 @@ local function report(open_key, handled_key, seq_key, due_key, index_key, prefix
     end
     redis.call('HDEL', handled_key, rid)
   end
+  if redis.call('EXISTS', seq_key) == 0 then
+    -- A new (or emptied) Redis: ids go on from milliseconds since 2025-01-01 (Redis time), not from 1, so they
+    -- never repeat ids handed out before an empty restart (unless more than 1000 were opened per second).
+    local t = redis.call('TIME')
+    redis.call('SET', seq_key, (tonumber(t[1]) - 1735689600) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  end
   local id = redis.call('INCR', seq_key)
   local key = prefix .. ':incident:' .. id
   redis.call('SET', open_key, id)
@@ -309,6 +315,13 @@ class IncidentStore:
 
     def handled_ids(self, resource: Resource) -> dict[int, str]:
         return {int(k): _text(v) for k, v in self.r.hgetall(self.keys.handled(resource)).items()}
+
+    def has_open_or_handled(self, resource: Resource, resource_id: int) -> bool:
+        """An open incident or a handled marker: what a "back to healthy" report would change."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.keys.open_incident(resource, resource_id))
+        pipe.hexists(self.keys.handled(resource), str(resource_id))
+        return any(pipe.execute())
 
     def open_incident_id(self, resource: Resource, resource_id: int) -> int | None:
         raw = self.r.get(self.keys.open_incident(resource, resource_id))

@@ -511,12 +511,18 @@ class ErrorKind(StrEnum):
     TRANSIENT = "transient"  # connection, timeout, INTERNAL, LOCKED: retry with backoff
     PERMANENT = "permanent"  # NO_EXISTS, AUTHENTICATION, AUTHORIZATION, bad parameter: do not retry
     WRONG_STATE = "wrong_state"  # ACTION: re-read the object and decide again
+    UNKNOWN = "unknown"  # a mutating call got no readable answer: it may have been applied; re-read, never re-send
 
 
-def classify_error(exc: BaseException) -> ErrorKind:
+def classify_error(exc: BaseException, mutating: bool = False) -> ErrorKind:
+    """What a failed call means. For a `mutating` call, any failure but a connection never made or oned's own
+    error answer leaves its outcome UNKNOWN: the request may have reached oned, which may apply it (or already
+    has). An HTTP error status counts as unknown too: a proxy in front of oned may have forwarded the call."""
     import pyone
     import requests
 
+    if mutating and not isinstance(exc, pyone.OneException) and not never_sent(exc):
+        return ErrorKind.UNKNOWN
     if isinstance(exc, pyone.OneActionException):
         return ErrorKind.WRONG_STATE
     permanent = (pyone.OneNoExistsException, pyone.OneAuthenticationException,
@@ -529,6 +535,19 @@ def classify_error(exc: BaseException) -> ErrorKind:
     if isinstance(exc, transient):
         return ErrorKind.TRANSIENT
     return ErrorKind.PERMANENT
+
+
+def never_sent(exc: BaseException) -> bool:
+    """The request cannot have reached oned: the connection was never made (refused, connect timeout, DNS)."""
+    import requests
+    import urllib3
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.ConnectionError):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
+    return False
 
 
 def is_no_exists(exc: BaseException) -> bool:

@@ -104,7 +104,13 @@ class OnedSettings(_Strict):
         "`user:password` directly; only from the environment (ONEHA_ONED__SESSION), never from a file in git."))
     https_verify: bool | str = Field(True, description="Verify oned's TLS certificate; or a CA bundle path.")
     connect_timeout_s: float = Field(3.0, gt=0, description="A dead oned fails the call after this long.")
-    read_timeout_s: float = Field(15.0, gt=0, description="A hung oned fails the call after this long.")
+    read_timeout_s: float = Field(15.0, gt=0, description=(
+        "A hung oned fails the call after this long: a read is retried, a mutating call's outcome is unknown "
+        "(the VM is re-read and the flow decides again; it is never sent again blindly)."))
+    abandon_after_s: float = Field(60.0, gt=0, description=(
+        "A call oned has not answered keeps its slot of `max_concurrent_calls` (oned may still be working on it) "
+        "and, if it changes a VM, keeps any other change of that VM back, for this long; then its connection is "
+        "closed. At least read_timeout_s."))
     max_concurrent_calls: int = Field(8, ge=1, description=(
         "Cap on oned calls in flight across the whole worker pool (a Redis semaphore)."))
     call_attempts: int = Field(5, ge=1, description="Attempts for a call failing transiently.")
@@ -119,6 +125,11 @@ class OnedSettings(_Strict):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http:// or https:// URL (e.g. http://localhost:2633/RPC2), got {value!r}")
         return value
+    @model_validator(mode="after")
+    def _abandon_after_read_timeout(self) -> OnedSettings:
+        if self.abandon_after_s < self.read_timeout_s:
+            raise ValueError("abandon_after_s must be at least read_timeout_s")
+        return self
 
     def read_session(self) -> str:
         if self.session is not None:

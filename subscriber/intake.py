@@ -25,6 +25,7 @@ from oneha.opennebula import (
 )
 from oneha.settings import Policy
 from subscriber import metrics
+from subscriber.hostcheck import HostCheck
 from subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.intake")
@@ -34,6 +35,7 @@ log = logging.getLogger("oneha.subscriber.intake")
 # incident cost ~15 us each, a third of the cost of opening one, right in the burst where latency matters most.
 LOG_EACH = 5
 LOG_CHUNK = 100
+RECONCILER = "reconciler"  # the source whose host events are oned's own pool read
 
 
 class Outcome(StrEnum):
@@ -44,6 +46,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # a state that is not a failure
     OPTED_OUT = "opted_out"
     OWNED = "owned"  # a crashed VM whose host has an open incident: the host flow recovers it
+    UNCONFIRMED = "unconfirmed"  # a host event oned contradicts (or, for "back", cannot confirm): not acted on
     POLICY_NONE = "policy_none"
 
 
@@ -81,12 +84,17 @@ class Intake:
 
     `on_opened` is called with the grace period of every incident opened, so the dispatcher can wake at once for
     incidents that are due immediately (VM failures have no grace by default).
+
+    With `check`, host events are hints (subscriber/hostcheck.py): one opens or cancels a host incident only if
+    oned agrees when asked. The reconciler's events are oned's own answer and are not asked about again.
     """
 
-    def __init__(self, store: IncidentStore, policy: Policy, on_opened: threading.Event | None = None) -> None:
+    def __init__(self, store: IncidentStore, policy: Policy, on_opened: threading.Event | None = None,
+                 check: HostCheck | None = None) -> None:
         self.store = store
         self.policy = policy
         self.on_opened = on_opened
+        self.check = check
 
     def handle(self, event: Event, source: str, received_at: float | None = None) -> Result:
         """Report or cancel as the event says. Redis errors propagate: the caller buffers or retries."""
@@ -106,27 +114,29 @@ class Intake:
         for (source, kind), n in received.items():
             metrics.EVENTS_RECEIVED.labels(source, kind).inc(n)
         for i, (event, source, received_at) in enumerate(batch):
-            planned = self._plan(event, source)
+            planned = self._plan(event, source, received_at)
             if isinstance(planned, ReportRequest):
                 queued.append((i, planned, received_at))
                 continue
             if isinstance(event, HostEvent) and event.state in HOST_HEALTHY_STATES:
                 self._flush(queued, results)
-                planned = self._healthy(event, source)
+                planned = self._healthy(event, source, received_at)
             results[i] = planned
         self._flush(queued, results)
         return [r if r is not None else Result(Outcome.IGNORED) for r in results]
 
-    def _plan(self, event: Event, source: str) -> ReportRequest | Result:
+    def _plan(self, event: Event, source: str, received_at: float) -> ReportRequest | Result:
         if isinstance(event, HostEvent):
-            return self._plan_host(event, source)
+            return self._plan_host(event, source, received_at)
         return self._plan_vm(event, source)
 
-    def _plan_host(self, event: HostEvent, source: str) -> ReportRequest | Result:
+    def _plan_host(self, event: HostEvent, source: str, received_at: float) -> ReportRequest | Result:
         if event.state not in HOST_FAILED_STATES:
             # DISABLED / OFFLINE are operator decisions, never a failure; their VMs are covered by the reconciler.
             # (Healthy states are handled by the caller, in order.)
             return Result(Outcome.IGNORED)
+        if self._oned_says(event, source, received_at) is False:
+            return Result(Outcome.UNCONFIRMED)  # oned says it is healthy: nothing to open (unreadable: open)
         cluster = event.host.cluster_id if event.host is not None else -1
         # host_action "none" still opens the incident: the worker fences and reports (settings: "fence and
         # report only"); it just recovers no VM.
@@ -155,7 +165,20 @@ class Intake:
         owner = vm.hid if vm is not None and kind is Kind.VM_CRASH else None
         return ReportRequest(kind, event.vm_id, cluster, grace, source, token, owner)
 
-    def _healthy(self, event: HostEvent, source: str) -> Result:
+    def _oned_says(self, event: HostEvent, source: str, received_at: float) -> bool | None:
+        """Does oned agree with this host event? True when events are believed; None when oned cannot say."""
+        if self.check is None or source == RECONCILER:
+            return True
+        return self.check.confirms(event, source, received_at)
+
+    def _healthy(self, event: HostEvent, source: str, received_at: float) -> Result:
+        if self.check is not None and source != RECONCILER:
+            if not self.store.has_open_or_handled("host", event.host_id):
+                return Result(Outcome.HEALTHY)  # nothing to cancel or forget: oned need not be asked
+            if not self._oned_says(event, source, received_at):
+                # oned says the host is not back, or cannot say: the incident and the handled marker stay (a
+                # forged "back" must neither cancel a grace period nor make a recovered host be fenced again).
+                return Result(Outcome.UNCONFIRMED)
         cancelled = self.store.cancel_waiting("host", event.host_id, f"host back to {event.state.name}")
         self.store.clear_handled("host", [event.host_id])
         if cancelled is None:

@@ -18,6 +18,8 @@ EVENTS_DROPPED = Counter("oneha_events_dropped", "Valid events lost (e.g. buffer
                          ["reason"])
 EVENTS_IGNORED = Counter("oneha_events_ignored", "Valid events deliberately not reported (policy, opt-out).",
                          ["reason"])
+EVENT_DISAGREEMENTS = Counter("oneha_event_disagreements", (
+    "Host events contradicted by oned when re-read (ignored): forged or stale events."), ["source", "event"])
 INCIDENTS_OPENED = Counter("oneha_incidents_opened", "Incidents opened by this subscriber.", ["kind"])
 INCIDENTS_CANCELLED = Counter("oneha_incidents_cancelled", "Incidents cancelled within their grace period.",
                               ["kind"])

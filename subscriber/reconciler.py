@@ -41,7 +41,7 @@ from oneha.opennebula import (
     VmView,
 )
 from subscriber import metrics
-from subscriber.intake import Intake, Outcome, failure_kind
+from subscriber.intake import RECONCILER, Intake, Outcome, failure_kind
 from subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.reconciler")
@@ -73,6 +73,7 @@ def is_refused(exc: BaseException) -> bool:
     import pyone
 
     return isinstance(exc, pyone.OneAuthenticationException)
+POKE_MIN_S = 2.0  # a poke never makes passes more frequent than this (forged floods poke too)
 
 
 def chunks(ids: list[int], size: int) -> Iterator[list[int]]:
@@ -94,11 +95,27 @@ class Reconciler:
         self.broker = broker
         self._next_full = 0.0  # the first pass is full: after a restart, everything is looked at once
         self.passes = 0
+        self._poked = threading.Event()
+
+    def poke(self) -> None:
+        """Look at the host pool again soon (at most every POKE_MIN_S): an event oned contradicted may only have
+        been ahead of oned's database (HostPool::update publishes before it writes the host)."""
+        self._poked.set()
 
     def run(self) -> None:
         while not self.stop.is_set():
+            started = time.monotonic()
             self.tick()
-            self.stop.wait(self.interval_s)
+            self._wait(started)
+
+    def _wait(self, started: float) -> None:
+        """Until the next pass: the interval, or a poke at least POKE_MIN_S after the last pass began."""
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now - started >= self.interval_s or (self._poked.is_set() and now - started >= POKE_MIN_S):
+                self._poked.clear()
+                return
+            self.stop.wait(min(0.2, self.interval_s))  # loop period: notices stop and pokes
 
     def tick(self) -> list[PassStats]:
         """One pass (plus a full one when due). Never raises: errors are logged, counted, retried next tick."""
@@ -210,7 +227,7 @@ class Reconciler:
                     self._feed(VmEvent(vm.id, vm.state, vm.lcm_state, vm), stats)
 
     def _feed(self, event: HostEvent | VmEvent, stats: PassStats) -> None:
-        result = self.intake.handle(event, "reconciler")
+        result = self.intake.handle(event, RECONCILER)
         stats.outcomes[result.outcome.value] += 1
         if result.outcome is Outcome.OPENED:
             log.info("reconciler found an unreported failure", extra=kv(incident=result.incident_id))

@@ -25,6 +25,7 @@ from oneha.settings import Settings
 from subscriber import metrics
 from subscriber.buffer import BufferedIntake
 from subscriber.dispatcher import Dispatcher, make_celery
+from subscriber.hostcheck import HostCheck
 from subscriber.intake import Intake
 from subscriber.logs import kv
 from subscriber.reconciler import Reconciler
@@ -60,7 +61,8 @@ class Service:
         self.r = redis_client(settings.redis.url)
         self.store = IncidentStore(self.r, Keys(settings.redis.key_prefix), settings.audit.retention_s,
                                    settings.audit.max_incidents)
-        self.intake = Intake(self.store, settings.policy, on_opened=self.wake)
+        check = HostCheck(self.oned, on_contradicted_failure=lambda: self.reconciler.poke())
+        self.intake = Intake(self.store, settings.policy, on_opened=self.wake, check=check)
         sub = settings.subscriber
         self.buffer = BufferedIntake(self.intake, sub.buffer_events)
         self._celery = celery

@@ -14,7 +14,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COUNTERS = {"oneha_events_received_total", "oneha_events_rejected_total", "oneha_events_dropped_total",
             "oneha_incidents_opened_total", "oneha_incidents_cancelled_total", "oneha_duplicates_suppressed_total",
             "oneha_zmq_reconnects_total", "oneha_recoveries_total", "oneha_task_retries_total",
-            "oneha_oned_errors_total", "oneha_fence_total"}
+            "oneha_oned_errors_total", "oneha_fence_total", "oneha_event_disagreements_total"}
 GAUGES = {"oneha_subscriber_last_event_timestamp_seconds", "oneha_incidents_open", "oneha_queue_length",
           "oneha_recovery_paused"}
 HISTOGRAMS = {"oneha_enqueue_latency_seconds", "oneha_reconcile_duration_seconds", "oneha_time_to_recover_seconds",

@@ -123,9 +123,41 @@ def test_hardening_and_restart(name):
     # TCP/UDP to oned, Redis, ZeroMQ and (worker) the BMCs; unix sockets for a local Redis. Nothing else.
     assert families == {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert one(unit, "Service", "User") != "root"
-    assert one(unit, "Service", "Restart") == "on-failure"
     assert "RestartSec" in service
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+CLEAN_SIGNALS = {"SIGHUP", "SIGINT", "SIGTERM", "SIGPIPE"}  # clean exits besides status 0 (systemd.service(5))
+
+
+def systemd_restarts(unit: dict[str, dict[str, list[str]]], status: int | None = None, sig: str | None = None,
+                     stopped_by_systemctl: bool = False) -> bool:
+    """systemd.service(5), Restart=: the documented decision after the main process ends, for the settings the
+    units use. A stop asked through systemctl is never undone; RestartPreventExitStatus= wins over Restart=."""
+    service = unit["Service"]
+    restart = one(unit, "Service", "Restart")
+    prevent = " ".join(service.get("RestartPreventExitStatus", [])).split()
+    success = " ".join(service.get("SuccessExitStatus", [])).split()
+    if stopped_by_systemctl or (status is not None and str(status) in prevent) or (sig is not None and sig in prevent):
+        return False
+    clean = (status == 0 or str(status) in success) if sig is None else (sig in CLEAN_SIGNALS or sig in success)
+    return {"always": True, "on-failure": not clean, "on-abnormal": sig is not None and sig not in CLEAN_SIGNALS,
+            "no": False}[restart]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_restart_on_any_end_but_a_bad_config_or_a_stop(name):
+    """A service that ends by itself comes back, whatever its status — a worker once exited 0 with Redis gone
+    (kombu), and `on-failure` left it dead; a bad configuration (exit 2) is not retried in a loop."""
+    unit = parse_unit(UNITS / name)
+    assert systemd_restarts(unit, status=0)
+    assert all(systemd_restarts(unit, status=s) for s in (1, 3, 70, 143))
+    assert systemd_restarts(unit, sig="SIGKILL") and systemd_restarts(unit, sig="SIGTERM")
+    assert not systemd_restarts(unit, status=2)
+    assert not systemd_restarts(unit, status=0, stopped_by_systemctl=True)
+    # Restarts must never hit the start rate limit (default 5 starts per 10 s) and leave the unit dead.
+    restart_s = float(one(unit, "Service", "RestartSec").removesuffix("s"))
+    assert "StartLimitIntervalSec" not in unit.get("Unit", {}) and restart_s * 5 >= 10
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))

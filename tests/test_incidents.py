@@ -90,3 +90,24 @@ def test_a_crashed_vm_of_a_host_with_an_open_incident_is_the_host_incidents(redi
     assert s.report(Kind.VM_CRASH, 43, 0, grace_s=60, source="zmq", token="1", owner_host=4).opened  # other host
     s.cancel_waiting("host", 3, "back")
     assert s.report(Kind.VM_CRASH, 42, 0, grace_s=60, source="zmq", token="1", owner_host=3).opened
+
+
+def test_incident_ids_do_not_repeat_after_redis_comes_back_empty(redis_url: str) -> None:
+    """Audit records from before and after an empty Redis restart must not collide: ids go on from the time."""
+    from oneha.incidents import ReportRequest
+    from oneha.waiting import wait_until
+
+    s = store(redis_url)
+    before = [r.incident_id for r in s.report_many([ReportRequest(Kind.VM_FAILURE, v, 0, 0.0, "t") for v in range(5)])]
+    before.append(s.report(Kind.HOST, 1, 0, 0.0, "t").incident_id)
+
+    def redis_ms() -> int:
+        sec, usec = s.r.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    wait_until(lambda: redis_ms() > before[0] + len(before) + 1735689600 * 1000, 2, interval_s=0.001,
+               what="Redis time past the ids handed out (at most 1000 a second)")
+    s.r.flushall()  # Redis restarted without its data
+    after = s.report(Kind.HOST, 1, 0, 0.0, "t").incident_id
+    assert after > max(before), (before, after)
+    assert len(str(after)) <= 12  # still a readable number

@@ -7,6 +7,7 @@ import redis
 from oneha.incidents import Kind, Status
 from oneha.keys import HOST_QUEUE, VM_QUEUE
 from oneha.waiting import wait_until
+from tests.labkit import call, running_lab
 from tests.test_subscriber_kit import (
     host_message,
     host_message_object_form,
@@ -18,6 +19,7 @@ from tests.test_subscriber_kit import (
     sync,
     vm_message,
 )
+from tests.test_subscriber_lab import toggle_until_heard
 
 
 def test_repeats_and_both_key_forms_make_one_host_incident(redis_url: str) -> None:
@@ -35,22 +37,23 @@ def test_repeats_and_both_key_forms_make_one_host_incident(redis_url: str) -> No
 
 
 def test_host_back_within_grace_cancels_and_sends_no_task(redis_url: str, redis_client: redis.Redis) -> None:
-    s = settings(redis_url, host_grace_s=1.5)
-    with publisher() as (pub, url), running(settings(redis_url, [url], host_grace_s=1.5),
-                                            ("zmq", "dispatcher")) as svc:
-        assert s.policy.default.host_grace_s == 1.5
-        sync(pub, svc)
+    """A host back within its grace period cancels the incident: the MONITORED event is a hint, oned (the lab) is
+    asked and agrees. Events alone cancel nothing (test_subscriber_forged)."""
+    with running_lab(hosts=3) as lab, running(settings(redis_url, [lab.events_url], rpc_url=lab.rpc_url,
+                                                       session=lab.session, host_grace_s=3.0),
+                                              ("zmq", "dispatcher")) as svc:
+        toggle_until_heard(lab.rpc_url, [svc], 2)
         before = metric("oneha_incidents_cancelled_total", kind="host")
-        pub.send_multipart(list(host_message(5, "ERROR", 3)))
+        call(lab.rpc_url, "lab.host.kill", 1)
         wait_until(lambda: incidents(redis_url), 5, what="incident")
-        pub.send_multipart(list(host_message(5, "MONITORED", 2)))
+        call(lab.rpc_url, "lab.host.revive", 1)
         wait_until(lambda: incidents(redis_url)[0].status == Status.CANCELLED, 5, what="cancel")
         # Well past the grace period with the dispatcher running: nothing may have been sent.
-        svc.stop_event.wait(2.0)
+        svc.stop_event.wait(3.0)
         assert redis_client.llen(HOST_QUEUE) == 0
         assert metric("oneha_incidents_cancelled_total", kind="host") == before + 1
         # A later failure of the same host is a new incident.
-        pub.send_multipart(list(host_message(5, "ERROR", 3)))
+        call(lab.rpc_url, "lab.host.kill", 1)
         wait_until(lambda: len(incidents(redis_url)) == 2, 5, what="second incident")
 
 

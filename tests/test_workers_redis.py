@@ -177,3 +177,32 @@ def test_host_rerun_sends_again_only_the_vm_tasks_that_were_lost(redis_url: str,
     rt.redis.set(rt.keys.vm_queue_moving, time.time() - settings.worker.task_lease_s - 1)
     assert rerun() == [10, 11, 12, 13]  # the queue stands still: the broker may have lost them
     running.release()
+
+
+def test_a_host_incident_whose_vm_records_were_lost_runs_those_vms_again_and_never_undercounts(
+        redis_url: str, tmp_path: Path) -> None:
+    """Redis lost the VM records and the pending set of a RECOVERING host incident (a restart from an old
+    snapshot): the re-run sends the VMs without a record again instead of closing "1 VMs recovered"; a VM still
+    without a record at the close counts as not recovered."""
+    from oneha.incidents import Kind, Status
+    from oneha.settings import load_settings
+    from tests.workerkit import write_config
+    from workers.host_flow import finish_incident, redispatch_pending
+    from workers.runtime import Flow, Runtime
+
+    sent: list[list[Any]] = []
+    settings = load_settings(write_config(tmp_path, redis_url, "http://127.0.0.1:9/RPC2"))  # oned never called
+    rt = Runtime.build(settings, send=lambda name, args, queue: sent.append(args))
+    inc_id = rt.store.report(Kind.HOST, 1, 0, 0.0, "test").incident_id
+    rt.store.set_status(inc_id, Status.RECOVERING, order="[10, 11, 12]", vms_total=3, vm_tasks_sent=1)
+    rt.store.record_vm(inc_id, 10, {"action": "recreate", "result": "recovered"})  # 11 and 12: records lost
+    inc = rt.store.get(inc_id)
+    assert inc is not None
+    redispatch_pending(Flow(rt, inc))
+    assert sorted(vm for _, vm in sent) == [11, 12]
+    assert rt.store.get(inc_id).status is Status.RECOVERING  # type: ignore[union-attr]
+    assert {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc_id))} == {11, 12}
+    rt.store.record_vm(inc_id, 11, {"action": "none", "result": "recovered", "detail": "already left the host"})
+    assert finish_incident(rt, inc_id) is Status.PARTIAL  # 12 still has no record: not counted as recovered
+    closed = rt.store.get(inc_id)
+    assert closed is not None and closed.detail.startswith("2/3 VMs recovered") and "12:no_record" in closed.detail

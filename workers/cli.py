@@ -5,6 +5,12 @@ concurrency cheaply on a small machine; one process keeps the Prometheus metrics
 PROMETHEUS_MULTIPROC_DIR) and lets the batched VM reader merge the reads of all concurrent tasks into one
 `one.vmpool.infoset` call. Celery does not enforce time limits in the threads pool, so every wait in the flows has
 its own deadline and every oned call its own timeout. `--pool prefork` works too, with per-child metrics.
+
+Exit status: 0 only when asked to stop (SIGTERM/SIGINT/SIGQUIT), 2 for a bad configuration, and anything else
+non-zero. A worker that ends on its own — Celery winding down after the broker vanished, kombu failing to restore
+unacknowledged messages with Redis gone (`'NoneType' object has no attribute 'hostname'` in
+kombu/transport/redis.py, a known upstream bug) — exits `EXIT_UNASKED` (3), never 0, so it is never mistaken
+for a clean stop; the systemd unit restarts it (`Restart=always`, `RestartPreventExitStatus=2`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from oneha.keys import HOST_QUEUE, VM_QUEUE
+
+EXIT_UNASKED = 3  # the worker ended without being asked to stop
 
 
 @click.command()
@@ -54,7 +63,30 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
     sys.setswitchinterval(0.001)
     if settings.worker.dry_run:
         click.echo("oneha worker: DRY RUN: nothing will be changed in oned", err=True)
-    app.worker_main(argv)
+    sys.exit(run_worker(app, argv))
+
+
+def run_worker(app: Any, argv: list[str]) -> int:
+    """Run the Celery worker; its exit status, except that an exit nobody asked for is never 0."""
+    from celery import signals
+
+    asked: list[str] = []
+
+    def stopping(sig: str = "", **_: Any) -> None:
+        asked.append(sig)
+
+    signals.worker_shutting_down.connect(stopping, weak=False)
+    try:
+        app.worker_main(argv)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if status == 0 and not asked:
+        click.echo(f"oneha worker: stopped without being asked to (broker or Redis lost?); exit {EXIT_UNASKED} so "
+                   "that it is restarted", err=True)
+        return EXIT_UNASKED
+    return status
 
 
 def instance_metrics_port(base: int | None, instance: str | None) -> int | None:

@@ -137,8 +137,15 @@ def redispatch_pending(flow: Flow) -> int:
     rt, inc = flow.rt, flow.incident
     pending = {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc.id))}
     if not pending:
-        finish_incident(rt, inc.id)
-        return 0
+        pending = _without_record(rt, inc)
+        if not pending:
+            finish_incident(rt, inc.id)
+            return 0
+        # Redis lost VM records (and the pending set) of VMs this incident chose: their tasks run again, re-read
+        # each VM and record what they find (a VM already recovered: "already left the host"), so the count at
+        # the close is true instead of leaving them out.
+        rt.store.audit(inc.id, "records_lost", vms=sorted(pending))
+        rt.redis.sadd(rt.keys.incident_pending_vms(inc.id), *pending)
     order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
     order += sorted(pending - set(order))
     trust_queue = bool(inc.extra.get("vm_tasks_sent")) and vm_queue_moving(rt)
@@ -174,12 +181,20 @@ return 0
 """
 
 
+def _without_record(rt: Runtime, inc: Incident) -> set[int]:
+    """VMs the incident chose (its `order`) that have no record."""
+    chosen = {int(v) for v in json.loads(inc.extra.get("order", "[]"))}
+    return chosen - set(rt.store.vm_records(inc.id)) if chosen else set()
+
+
 def finish_incident(rt: Runtime, incident_id: int) -> Status | None:
-    """Close a host incident once every selected VM has its record: RECOVERED, or PARTIAL with the failures."""
+    """Close a host incident once every selected VM has its record: RECOVERED, or PARTIAL with the failures (a VM
+    chosen but without a record — lost with Redis — counts as not recovered, never as nothing)."""
     inc = rt.store.get(incident_id)
     if inc is None or not inc.status.is_open:
         return None
-    records = rt.store.vm_records(incident_id)
+    records: dict[int, dict[str, object]] = {v: {"result": "no_record"} for v in _without_record(rt, inc)}
+    records.update(rt.store.vm_records(incident_id))
     bad = {vid: r.get("result") for vid, r in records.items() if r.get("result") not in OK_RESULTS}
     if bad:
         status = Status.PARTIAL
@@ -266,7 +281,8 @@ def _host_flow(flow: Flow) -> str:
         return "no_action"
     vms = list_vms_to_recover(flow, host, policy, vms_read)
     if not vms:
-        rt.store.close(inc, Status.RECOVERED, "no VM to recover on the host")
+        rt.store.close(inc, Status.RECOVERED, "no VM left to recover on the host (VMs that had already left it, "
+                                              "e.g. recovered by an earlier incident, are not counted)")
         return "recovered"
     flow.check_lease()
     dispatch_vm_recoveries(flow, vms)

@@ -2,10 +2,23 @@
 
 - Every call goes through `OnedGateway.call`: it takes a slot of the pool-wide semaphore (a Redis sorted set of
   holders scored by expiry, `keys.oned_semaphore`; Lua acquire reaps expired holders, so a SIGKILLed worker cannot
-  leak a slot), runs the pyone call (its transport has connect/read timeouts, `oneha.opennebula.make_server`),
-  and classifies failures (`classify_error`): TRANSIENT is retried with exponential backoff and full jitter up to
-  `oned.call_attempts`; PERMANENT and WRONG_STATE are raised at once as `OnedError` (WRONG_STATE goes back to the
-  step, which re-reads and decides again).
+  leak a slot), runs the pyone call, and classifies failures (`classify_error`): TRANSIENT is retried with
+  exponential backoff and full jitter up to `oned.call_attempts`; PERMANENT and WRONG_STATE are raised at once as
+  `OnedError` (WRONG_STATE goes back to the step, which re-reads and decides again).
+- A mutating call (`vm_action`, `vm_recover`) is retried only when it surely never reached oned (connection never
+  made) or oned answered with an error. Any other failure (no answer within the read timeout, a connection cut
+  mid-call) is UNKNOWN: oned may have applied it, or may still apply it. It is never re-sent: the step re-reads
+  the VM and decides again (`settle` first, see below).
+- A call oned has not answered is not abandoned at the read timeout: the caller gets its answer (TRANSIENT for a
+  read, UNKNOWN for a change) after `connect_timeout_s + read_timeout_s`, but the request runs on in a helper
+  thread on its own connection, which keeps the call's semaphore slot (renewed in Redis) until oned answers or
+  `abandon_after_s` passes and the connection is closed. So the cap bounds what oned has in hand, not only what
+  callers wait for: a hung oned holds `max_concurrent_calls` requests of ours, no more (the lab counted 40
+  against a cap of 4 when timed-out calls freed their slots). Until then, another change of the same VM is held
+  back (`UNKNOWN` without sending; `settle(vm_id)` waits for the earlier call to end), so a late answer cannot
+  cross a second action. What stays out of reach: a connection closed by us after `abandon_after_s` (or by a
+  dead worker's kernel) does not cancel the request inside oned (xmlrpc-c runs a method to its end; the reply
+  just fails to be written), so after that long our count can be below oned's.
 - `OnedError` carries a sanitised message: the session string never reaches a log line, an exception or Flower.
 - `VmReader` coalesces concurrent "re-read this VM" requests of all worker threads of a process into one
   `one.vmpool.infoset` call, so re-reading before every action and polling for confirmation costs a fraction of a
@@ -22,8 +35,9 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
-from typing import Protocol, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol, TypeVar
 
 import redis
 
@@ -81,6 +95,15 @@ return 0
 """
 
 
+# KEYS: semaphore zset. ARGV: ttl ms, holders...
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+return 1
+"""
+
+
 class OnedSemaphore:
     """A global cap on concurrent oned calls: holders in a sorted set scored by their expiry (ms, Redis time).
 
@@ -100,6 +123,7 @@ class OnedSemaphore:
         self.reuse_s = reuse_s
         self.idle_s = idle_s
         self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
         # In front of the Redis semaphore: threads of one process never contend for more slots than exist, so
         # they wait on a local condition instead of polling Redis.
         self._local = threading.BoundedSemaphore(cap)
@@ -198,6 +222,10 @@ class OnedSemaphore:
     def holders(self) -> int:
         return int(self.r.zcard(self.key))
 
+    def renew(self, holders: list[str]) -> None:
+        """Push back the expiry of slots still held (those already reaped stay gone)."""
+        self._renew(keys=[self.key], args=[self.ttl_ms, *holders])
+
 
 class OnedGateway:
     """The calls the flows make, each capped, retried and counted. Thread-safe."""
@@ -213,30 +241,41 @@ class OnedGateway:
         self._lock = threading.Lock()
         self._shared_ds: tuple[float, frozenset[int]] | None = None
         self.reader = VmReader(self.vm_pool_set)
+        # One helper thread per slot this process can hold: a submit never queues behind a lingering call.
+        self._runner = ThreadPoolExecutor(max_workers=semaphore.cap, thread_name_prefix="oneha-oned")
+        self._lingering: dict[str, Future[Any]] = {}  # slot holder -> call past its wait, still unanswered
+        self._unanswered: dict[int, Future[Any]] = {}  # VM id -> mutating call of ours oned has not answered
+        self._renewer: threading.Thread | None = None
 
     @classmethod
     def connect(cls, settings: OnedSettings, session: str, client: redis.Redis, keys: Keys,
                 observer: CallObserver | None = None) -> OnedGateway:
-        server = make_server(settings.endpoint, session, settings.connect_timeout_s, settings.read_timeout_s,
+        # The transport waits up to abandon_after_s for an answer; callers stop waiting after the read timeout.
+        server = make_server(settings.endpoint, session, settings.connect_timeout_s, settings.abandon_after_s,
                              settings.https_verify)
-        ttl = settings.connect_timeout_s + settings.read_timeout_s + 5.0
+        ttl = settings.connect_timeout_s + settings.read_timeout_s + 5.0  # lingering calls renew theirs
         # A kept slot is reused only within 2 s of being taken: a call started then (at most connect + read
         # timeout long) still ends 3 s before the slot expires.
         sem = OnedSemaphore(client, keys.oned_semaphore, settings.max_concurrent_calls, ttl, reuse_s=2.0)
         return cls(OnedClient(server), sem, settings, session, observer)
 
     # The one place every call passes ---------------------------------------------------------------------------
-    def call(self, method: str, fn: Callable[[], T]) -> T:
+    def call(self, method: str, fn: Callable[[], T], vm_id: int | None = None) -> T:
+        """Run `fn` under the cap with retries. `vm_id` marks a mutating call on that VM (see the module doc)."""
         attempts = self.settings.call_attempts
+        mutating = vm_id is not None
         for attempt in range(attempts):
+            if vm_id is not None and self._unanswered.get(vm_id) is not None:
+                raise OnedError(method, ErrorKind.UNKNOWN, f"an earlier call on VM {vm_id} is still unanswered",
+                                attempt)
             holder = self.semaphore.acquire(self.settings.read_timeout_s + self.settings.connect_timeout_s)
             started = time.monotonic()
+            with self._lock:
+                self.calls[method] += 1
             try:
-                with self._lock:
-                    self.calls[method] += 1
-                result = fn()
+                result = self._answer(method, fn, holder, vm_id)
             except Exception as exc:
-                kind = classify_error(exc)
+                kind = classify_error(exc, mutating)
                 if self.observer:
                     self.observer.oned_call(method, time.monotonic() - started, kind)
                 message = self._clean(exc)
@@ -249,10 +288,84 @@ class OnedGateway:
                 if self.observer:
                     self.observer.oned_call(method, time.monotonic() - started, None)
                 return result
-            finally:
-                self.semaphore.release(holder)
             time.sleep(full_jitter(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s))
         raise AssertionError("unreachable")
+
+    def _answer(self, method: str, fn: Callable[[], T], holder: str, vm_id: int | None) -> T:
+        """Run `fn` on a helper thread; wait for it up to connect + read timeout. The slot goes back when the call
+        ends, not when we stop waiting: past the wait, the call lingers (`_linger`) and `_NoAnswer` is raised."""
+        lingers = False
+        wait_s = self.settings.connect_timeout_s + self.settings.read_timeout_s
+        try:
+            future = self._runner.submit(fn)
+            return future.result(timeout=wait_s)
+        except FutureTimeout:
+            lingers = True
+            self._linger(method, future, holder, vm_id)  # from now on, the call's end releases the slot
+            raise _NoAnswer(f"read timeout: no answer within {wait_s:g}s; the call stays open") from None
+        finally:
+            if not lingers:
+                self.semaphore.release(holder)
+
+    def _linger(self, method: str, future: Future[Any], holder: str, vm_id: int | None) -> None:
+        with self._lock:
+            self._lingering[holder] = future
+            if vm_id is not None:
+                self._unanswered[vm_id] = future
+            self._ensure_renewer()
+
+        def ended(done: Future[Any]) -> None:
+            with self._lock:
+                self._lingering.pop(holder, None)
+                if vm_id is not None and self._unanswered.get(vm_id) is done:
+                    del self._unanswered[vm_id]
+            exc = done.exception()
+            if exc is not None:
+                log.warning("oned %s: no answer after %gs either (%s): connection closed; oned may still apply it",
+                            method, self.settings.abandon_after_s, self._clean(exc))
+            else:
+                log.info("oned %s answered late; its slot is free again", method)
+            self.semaphore.release(holder)
+
+        future.add_done_callback(ended)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(target=self._renew_lingering, name="oneha-oned-linger", daemon=True)
+            self._renewer.start()
+
+    def _renew_lingering(self) -> None:
+        """Keep the Redis slots of lingering calls from expiring while oned still has the request."""
+        period_s = max(0.2, self.semaphore.ttl_ms / 3000)
+        while True:
+            time.sleep(period_s)  # renewal period, not synchronisation
+            with self._lock:
+                holders = list(self._lingering)
+            if holders:
+                try:
+                    self.semaphore.renew(holders)
+                except redis.RedisError as exc:
+                    log.warning("oned slots: renewal failed: %s", type(exc).__name__)
+
+    def settle(self, vm_id: int, timeout_s: float | None = None) -> bool:
+        """Wait until no call of ours on this VM is unanswered (answered, or its connection closed). True if so."""
+        with self._lock:
+            future = self._unanswered.get(vm_id)
+        if future is None:
+            return True
+        wait_s = self.settings.abandon_after_s + self.settings.connect_timeout_s if timeout_s is None else timeout_s
+        try:
+            future.result(timeout=wait_s)
+        except FutureTimeout:
+            return False
+        except Exception:  # noqa: S110 - the call's own failure was already reported; ended is what counts
+            pass
+        return True
+
+    def lingering(self) -> int:
+        """Calls oned has not answered that still hold a slot."""
+        with self._lock:
+            return len(self._lingering)
 
     def _clean(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"[:300]
@@ -282,10 +395,10 @@ class OnedGateway:
         return out
 
     def vm_action(self, action: str, vm_id: int) -> None:
-        self.call("one.vm.action", lambda: self.client.vm_action(action, vm_id))
+        self.call("one.vm.action", lambda: self.client.vm_action(action, vm_id), vm_id=vm_id)
 
     def vm_recover(self, vm_id: int, op: RecoverOp) -> None:
-        self.call("one.vm.recover", lambda: self.client.vm_recover(vm_id, op))
+        self.call("one.vm.recover", lambda: self.client.vm_recover(vm_id, op), vm_id=vm_id)
 
     def shared_system_datastores(self, max_age_s: float = 30.0) -> frozenset[int]:
         cached = self._shared_ds
@@ -342,6 +455,10 @@ class VmReader:
             self.batches += 1
             for ids, fut in batch:
                 fut.set_result({i: views[i] for i in ids if i in views})
+
+
+class _NoAnswer(TimeoutError):
+    """oned did not answer within the caller's wait; the call runs on (lingers) and keeps its slot."""
 
 
 def describe(exc: BaseException) -> str:

@@ -142,7 +142,7 @@ def vm_failure_flow(flow: Flow) -> str:
             return _close(flow, Status.NO_ACTION, f"dry run: would {action}", vm, action, "dry_run", handled=False)
         if outcome == "gone":
             return _close(flow, Status.NO_ACTION, "VM no longer exists", None, action, "gone")
-        if outcome == "done":
+        if outcome in ("done", "unknown"):  # unknown: it may have been applied; the re-read tells
             rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
 
             def settled(v: VmView) -> bool | None:
@@ -259,7 +259,7 @@ def vm_crash_flow(flow: Flow) -> str:
                               handled=False)
             if outcome == "gone":
                 return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "resume", "gone")
-            if outcome == "done":
+            if outcome in ("done", "unknown"):  # unknown: it may have been applied; the re-read tells
                 rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
         seen = confirm(flow, vid, resumed(vm), w.confirm_timeout_s, before=vm if acting else None)
         vm = seen if seen is not None else rt.oned.vm_info(vid)

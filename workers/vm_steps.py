@@ -182,10 +182,21 @@ ACTIONS = {"recreate": recreate_vm, "delete": delete_vm, "migrate": migrate_vm, 
 
 
 def act(flow: Flow, vm: VmView, action: str) -> str:
-    """Run one mutating step: 'done', 'dry_run', 'wrong_state' (re-read and decide again) or 'gone'."""
+    """Run one mutating step: 'done', 'dry_run', 'wrong_state' (re-read and decide again), 'gone', or 'unknown'.
+
+    'unknown': oned did not answer; it may have applied the call or may still do so. Nothing is sent again here:
+    we wait until the call has ended (answered late, or its connection closed) and the caller re-reads the VM and
+    decides again from what oned shows then, exactly as after a worker died right after acting.
+    """
     try:
         return "done" if ACTIONS[action](flow, vm) else "dry_run"
     except OnedError as exc:
+        if exc.kind is ErrorKind.UNKNOWN:
+            log.warning("incident %s: %s on VM %s: outcome unknown (%s); re-reading before deciding again",
+                        flow.incident.id, action, vm.id, exc)
+            flow.rt.store.audit(flow.incident.id, "outcome_unknown", vm=vm.id, action=action)
+            flow.rt.oned.settle(vm.id)
+            return "unknown"
         if exc.kind is ErrorKind.WRONG_STATE:
             return "wrong_state"
         if exc.missing:
@@ -308,7 +319,9 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
             if outcome == "wrong_state":
                 detail = f"{why}; oned refused in {vm.state_name}"
                 continue  # re-read and decide again
-            acted_at = time.time()
+            if outcome == "unknown":
+                detail = f"{why}; outcome of the call unknown"
+            acted_at = time.time()  # (or may have been, if unknown): the confirm step re-reads and tells
             acted_on = None if action == "migrate" and vm.resched else vm  # already resched'ed: nothing was sent
         remaining = max(0.1, min(w.confirm_timeout_s, deadline - time.monotonic()))
         settled = confirm_vm_left_host(flow, vm_id, host_id, action, remaining, acted_on)
