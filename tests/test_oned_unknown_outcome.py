@@ -99,7 +99,7 @@ def test_oned_hung_mid_resume_resumes_each_crashed_vm_once(tmp_path: Path, redis
         url = lab.rpc_url
         vms = [call(url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(12)]
         for vid in vms:
-            call(url, "lab.vm.crash", vid)
+            call(url, "lab.vm.crash", vid, "crashed")  # libvirt crash: UNKNOWN (missing: POWEROFF)
         oned = {"read_timeout_s": 0.4, "call_attempts": 6, "max_concurrent_calls": CAP, "abandon_after_s": 30.0}
         with worker_stack(tmp_path, redis_url, url, workers=1, concurrency=8, oned=oned) as stack:
             call(url, "lab.faults", {"latency_ms": 150})
