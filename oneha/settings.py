@@ -156,6 +156,11 @@ class WorkerSettings(_Strict):
     storm_recheck_s: float = Field(10.0, gt=0, description="How often a held incident re-checks the condition.")
     vm_failure_max_recoveries: int = Field(3, ge=1, description="Loop protection: recoveries of one VM per window.")
     vm_failure_window_s: float = Field(3600.0, gt=0, description="Window of vm_failure_max_recoveries.")
+    fence_env: list[str] = Field(default_factory=list, description=(
+        "Names of further environment variables passed on to fence commands. They get only PATH, LANG, LANGUAGE, "
+        "TZ, LC_* and what the shipped fence scripts read (ONEHA_FENCE_CRED_DIR, ONEHA_FENCE_DEADLINE_S, "
+        "ONEHA_FENCE_POLL_S, ONEHA_FENCE_PYTHON, ONEHA_IPMI_INTERFACE, ONEHA_IPMITOOL, ONEHA_CURL, "
+        "ONEHA_REDFISH_TIMEOUT_S): never the worker's own credentials."))
     metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 

@@ -27,6 +27,7 @@ from oneha.settings import Settings, load_settings
 from oneha.waiting import wait_until
 
 FENCE_LAB = [sys.executable, "-m", "oneha", "lab", "fence-command"]
+LAB_FENCE_ENV = ["ONEHA_LAB_URL", "ONEHA_LAB_SESSION", "ONEHA_LAB_FENCE_FAIL"]  # what the lab's fence command reads
 
 
 def _toml_value(value: Any) -> str:
@@ -64,7 +65,7 @@ def write_config(directory: Path, redis_url: str, oned_url: str, session: str = 
                  "max_concurrent_calls": 8, "call_attempts": 6, "backoff_base_s": 0.02, "backoff_max_s": 0.3,
                  **(oned or {})},
         "worker": {"lock_ttl_s": 3.0, "task_lease_s": 4.0, "confirm_timeout_s": 15.0, "storm_recheck_s": 1.0,
-                   "storm_max_hosts": 50, "metrics_port": 0, **(worker or {})},
+                   "storm_max_hosts": 50, "metrics_port": 0, "fence_env": LAB_FENCE_ENV, **(worker or {})},
         "policy": {"default": {"host_grace_s": 0.0, "fencing": FENCE_LAB, "fence_timeout_s": 20.0,
                                "fence_attempts": 2, "vm_crash_grace_s": 0.0, **(policy or {})}},
     }
