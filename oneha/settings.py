@@ -131,9 +131,18 @@ class BrokerSettings(_Strict):
 class SubscriberSettings(_Strict):
     zmq_endpoints: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:2101"], description=(
         "one_hm publishers; list every front-end of an HA cluster (only the leader publishes)."))
-    zmq_rcvhwm: int = Field(100_000, ge=1, description="Receive high-water mark (messages).")
-    max_event_bytes: int = Field(1 << 20, ge=4096, description="Larger event payloads are rejected.")
+    zmq_rcvhwm: int = Field(100_000, ge=1, description=(
+        "Receive high-water mark (messages); lowered to what zmq_queue_bytes allows."))
+    zmq_queue_bytes: int = Field(128 << 20, ge=1 << 20, description=(
+        "Memory the ZeroMQ receive queue may hold: every frame is capped (ZMQ_MAXMSGSIZE) at the base64 size of "
+        "max_event_bytes, and the high-water mark becomes zmq_queue_bytes / that (96 messages with the defaults; "
+        "a lower max_event_bytes queues more events in the same memory)."))
+    max_event_bytes: int = Field(1 << 20, ge=4096, description=(
+        "Larger event payloads are rejected; a ZeroMQ frame larger than its base64 makes libzmq drop the "
+        "connection (oneha reconnects at once; what was in flight is left to the reconciler)."))
     buffer_events: int = Field(10_000, ge=1, description="Events kept in memory while Redis is unreachable.")
+    buffer_bytes: int = Field(64 << 20, ge=1 << 20, description=(
+        "...and at most about this much memory of decoded events."))
     reconcile_interval_s: float = Field(30.0, gt=0, description="Scan of hosts in ERROR and their VMs.")
     full_scan_interval_s: float = Field(300.0, gt=0, description=(
         "Scan of the whole VM pool (paged) for failure states and crashes on healthy hosts."))

@@ -62,13 +62,13 @@ class Service:
                                    settings.audit.max_incidents)
         self.intake = Intake(self.store, settings.policy, on_opened=self.wake)
         sub = settings.subscriber
-        self.buffer = BufferedIntake(self.intake, sub.buffer_events)
+        self.buffer = BufferedIntake(self.intake, sub.buffer_events, capacity_bytes=sub.buffer_bytes)
         self._celery = celery
         self._oned_factory = oned
         self.threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
         self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit_many, self.stop_event, sub.zmq_rcvhwm,
-                                    sub.max_event_bytes, idle=self.buffer.flush)
+                                    sub.max_event_bytes, idle=self.buffer.flush, queue_bytes=sub.zmq_queue_bytes)
         self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
                                      max_event_bytes=sub.max_event_bytes)
         broker = redis_client(settings.broker_url) if settings.broker_url.startswith("redis") else None

@@ -7,10 +7,19 @@ throw the second copy away. The decoder still accepts both forms (tests, other t
 
 Reconnects are zmq's job (ZMQ_RECONNECT_IVL/_MAX); a socket monitor counts them. What the publisher drops past its
 high-water mark is invisible to a subscriber; the reconciler is the answer to every kind of loss.
+
+Memory is bounded in bytes, not only in messages: ZMQ_MAXMSGSIZE caps each frame at the largest event accepted (in
+base64), and the receive high-water mark is the byte budget divided by that (`zmq_queue_bytes`), so what libzmq
+queues stays within the budget. A frame over MAXMSGSIZE makes libzmq drop the connection as a protocol error, and
+for a protocol error libzmq (4.3) does NOT reconnect: the endpoint would stay silent for good. So every
+EVENT_DISCONNECTED is answered here by disconnect() + connect() of that endpoint (for an ordinary connection loss
+this only does what libzmq would have done). Messages in flight on that connection are lost: the reconciler's job.
+A batch handed to the sink is bounded by an estimate of the decoded events' memory (BATCH_BYTES), too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +28,15 @@ from collections.abc import Callable, Sequence
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from oneha.opennebula import HOST_PREFIXES, VM_PREFIXES, Event, EventError, decode_event
+from oneha.opennebula import (
+    HOST_PREFIXES,
+    VM_PREFIXES,
+    Event,
+    EventError,
+    decode_event,
+    event_size_bytes,
+    max_frame_bytes,
+)
 from subscriber import metrics
 from subscriber.logs import kv
 
@@ -28,6 +45,9 @@ log = logging.getLogger("oneha.subscriber.zmq")
 Sink = Callable[[list[tuple[Event, str, float]]], None]
 POLL_MS = 200  # SIGTERM is noticed within this long
 BATCH = 1000  # messages taken per wake-up before looking at the stop flag and the monitor again
+BATCH_BYTES = 16 << 20  # ...or fewer, once the decoded events of the batch hold about this much memory
+BATCH_S = 0.2  # ...or after this long (a flood of costly hostile frames must not hide the stop flag for minutes)
+MIN_RCVHWM = 16
 
 
 class _RateLimit:
@@ -77,12 +97,12 @@ def decode_frames(frames: Sequence[bytes], max_bytes: int) -> Event | None:
 class ZmqListener:
     def __init__(self, endpoints: Sequence[str], sink: Sink, stop: threading.Event, rcvhwm: int = 100_000,
                  max_event_bytes: int = 1 << 20, idle: Callable[[], object] | None = None,
-                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None, queue_bytes: int | None = None) -> None:
         self.endpoints = list(endpoints)
         self.sink = sink
         self.stop = stop
-        self.rcvhwm = rcvhwm
         self.max_event_bytes = max_event_bytes
+        self.rcvhwm = receive_hwm(rcvhwm, max_event_bytes, queue_bytes)
         self.idle = idle  # called between batches (buffer replay), in this thread
         self.context = context or zmq.Context.instance()
         self.connected = threading.Event()  # set after the first successful connection (tests, readiness)
@@ -94,8 +114,8 @@ class ZmqListener:
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        # No ZMQ_MAXMSGSIZE: zmq would drop the whole connection on one oversized frame (losing what follows,
-        # uncounted); the decoder rejects it by length before decoding instead, and counts it.
+        # libzmq allocates a frame of the size its header announces: without this cap one frame could take GBs.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(self.max_event_bytes) + 1)
         for prefix in (*HOST_PREFIXES, *VM_PREFIXES):
             sock.setsockopt(zmq.SUBSCRIBE, prefix)
         return sock
@@ -114,7 +134,7 @@ class ZmqListener:
             while not self.stop.is_set():
                 ready = dict(poller.poll(POLL_MS))
                 if monitor in ready:
-                    self._monitor(monitor, seen)
+                    self._monitor(monitor, sock, seen)
                 if sock in ready:
                     self._drain(sock)
                 if self.idle is not None:
@@ -128,7 +148,11 @@ class ZmqListener:
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
         """Take what is waiting (up to BATCH) and hand it over as one batch: one Redis round trip per burst."""
         batch: list[tuple[Event, str, float]] = []
+        held = 0
+        until = time.monotonic() + BATCH_S
         for _ in range(BATCH):
+            if held > BATCH_BYTES or time.monotonic() > until:
+                break
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -138,12 +162,13 @@ class ZmqListener:
             self.received += 1  # after decoding: a message counted as received is also counted as rejected or not
             if event is not None:
                 batch.append((event, "zmq", received_at))
+                held += event_size_bytes(event)
         if self.received:
             metrics.LAST_EVENT.set(time.time())
         if batch:
             self.sink(batch)
 
-    def _monitor(self, monitor: zmq.Socket[bytes], seen: set[str]) -> None:
+    def _monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes], seen: set[str]) -> None:
         while monitor.poll(0):
             msg = recv_monitor_message(monitor)
             endpoint = msg.get("endpoint", b"")
@@ -155,4 +180,23 @@ class ZmqListener:
                 seen.add(name)
                 self.connected.set()
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
-                log.warning("zmq disconnected", extra=kv(endpoint=name))
+                log.warning("zmq disconnected (publisher gone, or a frame over the size limit); reconnecting",
+                            extra=kv(endpoint=name))
+                if name in self.endpoints:
+                    _reconnect(sock, name)
+
+
+def _reconnect(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """After a protocol error (a frame over MAXMSGSIZE) libzmq gives the endpoint up; connect it again."""
+    with contextlib.suppress(zmq.ZMQError):  # libzmq may have forgotten it already
+        sock.disconnect(endpoint)
+    sock.connect(endpoint)
+
+
+def receive_hwm(rcvhwm: int, max_event_bytes: int, queue_bytes: int | None) -> int:
+    """The receive high-water mark (messages) that keeps libzmq's queue within `queue_bytes`: each message may be
+    as large as the largest accepted frame. 0 (unbounded) only when no byte budget is given (benchmarks)."""
+    if queue_bytes is None:
+        return rcvhwm
+    by_bytes = max(MIN_RCVHWM, queue_bytes // max_frame_bytes(max_event_bytes))
+    return by_bytes if rcvhwm == 0 else min(rcvhwm, by_bytes)

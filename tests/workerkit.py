@@ -54,7 +54,7 @@ def _toml(data: dict[str, Any], prefix: str = "") -> str:
 def write_config(directory: Path, redis_url: str, oned_url: str, session: str = "oneadmin:opennebula",
                  policy: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                  oned: dict[str, Any] | None = None, clusters: dict[int, dict[str, Any]] | None = None,
-                 broker_url: str | None = None) -> Path:
+                 broker_url: str | None = None, subscriber: dict[str, Any] | None = None) -> Path:
     """A test configuration: short leases and deadlines, fencing through the lab, credentials in a 0600 file."""
     auth = directory / "one_auth"
     auth.write_text(session + "\n")
@@ -71,6 +71,8 @@ def write_config(directory: Path, redis_url: str, oned_url: str, session: str = 
     }
     if broker_url:
         data["broker"] = {"url": broker_url}
+    if subscriber:
+        data["subscriber"] = subscriber
     if clusters:
         data["policy"]["clusters"] = {str(c): v for c, v in clusters.items()}
     path = directory / "oneha.toml"
