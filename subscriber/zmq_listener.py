@@ -9,17 +9,21 @@ Reconnects are zmq's job (ZMQ_RECONNECT_IVL/_MAX); a socket monitor counts them.
 high-water mark is invisible to a subscriber; the reconciler is the answer to every kind of loss.
 
 Memory is bounded in bytes, not only in messages: ZMQ_MAXMSGSIZE caps each frame at the largest event accepted (in
-base64), and the receive high-water mark is the byte budget divided by that (`zmq_queue_bytes`), so what libzmq
-queues stays within the budget. A frame over MAXMSGSIZE makes libzmq drop the connection as a protocol error, and
-for a protocol error libzmq (4.3) does NOT reconnect: the endpoint would stay silent for good. So every
-EVENT_DISCONNECTED is answered here by disconnect() + connect() of that endpoint (for an ordinary connection loss
-this only does what libzmq would have done). Messages in flight on that connection are lost: the reconciler's job.
-A batch handed to the sink is bounded by an estimate of the decoded events' memory (BATCH_BYTES), too.
+base64), and the receive high-water mark of each publisher's socket is its share of the byte budget
+(`zmq_queue_bytes`) divided by that, so what libzmq queues stays within the budget. A batch handed to the sink is
+bounded by an estimate of the decoded events' memory (BATCH_BYTES) and by time (BATCH_S).
+
+Reconnecting (libzmq 4.3.5, checked): a frame over MAXMSGSIZE makes libzmq drop the connection as a protocol error,
+and after a protocol error libzmq does NOT reconnect: the endpoint would stay silent for good. Reconnecting on the
+same socket (disconnect + connect) is not safe either: the old pipe, terminated while a message of it is half read,
+makes fq_t point at the other pipe and abort the process ("Assertion failed: !_more (src/fq.cpp:80)", seen under a
+hostile flood). So each publisher has its own SUB socket, and on EVENT_DISCONNECTED that socket is drained of the
+complete messages it holds, closed, and replaced by a new one connected to the same endpoint (for an ordinary
+connection loss this only does what libzmq would have done). What was in flight is left to the reconciler.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -102,7 +106,8 @@ class ZmqListener:
         self.sink = sink
         self.stop = stop
         self.max_event_bytes = max_event_bytes
-        self.rcvhwm = receive_hwm(rcvhwm, max_event_bytes, queue_bytes)
+        per_socket = None if queue_bytes is None else queue_bytes // max(1, len(self.endpoints))
+        self.rcvhwm = receive_hwm(rcvhwm, max_event_bytes, per_socket)  # one socket per endpoint shares the budget
         self.idle = idle  # called between batches (buffer replay), in this thread
         self.context = context or zmq.Context.instance()
         self.connected = threading.Event()  # set after the first successful connection (tests, readiness)
@@ -121,29 +126,35 @@ class ZmqListener:
         return sock
 
     def run(self) -> None:
-        sock = self._socket()
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        for endpoint in self.endpoints:
-            sock.connect(endpoint)
+        # One SUB socket per publisher, each replaced whole when its connection drops (see the module docstring).
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        subs = [self._open(endpoint, poller) for endpoint in self.endpoints]
         seen: set[str] = set()
         log.info("zmq listening", extra=kv(endpoints=self.endpoints))
         try:
             while not self.stop.is_set():
                 ready = dict(poller.poll(POLL_MS))
-                if monitor in ready:
-                    self._monitor(monitor, sock, seen)
-                if sock in ready:
-                    self._drain(sock)
+                for i, (sock, monitor) in enumerate(subs):
+                    if sock in ready:
+                        self._drain(sock)
+                    if monitor in ready and self._monitor(monitor, seen):
+                        self._drain(sock)  # what arrived complete before the drop
+                        _close(sock, monitor, poller)
+                        subs[i] = self._open(self.endpoints[i], poller)
                 if self.idle is not None:
                     self.idle()
         finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
+            for sock, monitor in subs:
+                _close(sock, monitor, poller)
             log.info("zmq stopped", extra=kv(received=self.received))
+
+    def _open(self, endpoint: str, poller: zmq.Poller) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        sock = self._socket()
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(endpoint)
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        return sock, monitor
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
         """Take what is waiting (up to BATCH) and hand it over as one batch: one Redis round trip per burst."""
@@ -168,7 +179,9 @@ class ZmqListener:
         if batch:
             self.sink(batch)
 
-    def _monitor(self, monitor: zmq.Socket[bytes], sock: zmq.Socket[bytes], seen: set[str]) -> None:
+    def _monitor(self, monitor: zmq.Socket[bytes], seen: set[str]) -> bool:
+        """Count (re)connections; True when the connection dropped and the socket must be replaced."""
+        dropped = False
         while monitor.poll(0):
             msg = recv_monitor_message(monitor)
             endpoint = msg.get("endpoint", b"")
@@ -182,15 +195,16 @@ class ZmqListener:
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
                 log.warning("zmq disconnected (publisher gone, or a frame over the size limit); reconnecting",
                             extra=kv(endpoint=name))
-                if name in self.endpoints:
-                    _reconnect(sock, name)
+                dropped = True
+        return dropped
 
 
-def _reconnect(sock: zmq.Socket[bytes], endpoint: str) -> None:
-    """After a protocol error (a frame over MAXMSGSIZE) libzmq gives the endpoint up; connect it again."""
-    with contextlib.suppress(zmq.ZMQError):  # libzmq may have forgotten it already
-        sock.disconnect(endpoint)
-    sock.connect(endpoint)
+def _close(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], poller: zmq.Poller) -> None:
+    poller.unregister(sock)
+    poller.unregister(monitor)
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 def receive_hwm(rcvhwm: int, max_event_bytes: int, queue_bytes: int | None) -> int:

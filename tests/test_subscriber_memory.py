@@ -27,6 +27,8 @@ import zmq
 from oneha.incidents import Kind
 from oneha.waiting import wait_until
 from tests.labkit import call, running_lab
+from tests.test_subscriber_kit import publisher
+from tests.test_workers_e2e import assert_recovered_elsewhere
 from tests.workerkit import worker_stack
 
 pytestmark = pytest.mark.slow
@@ -75,13 +77,10 @@ def flood(sock: zmq.Socket[bytes], frames: list[list[bytes]], n: int) -> None:
 
 @pytest.fixture()
 def hostile_publisher() -> Iterator[tuple[zmq.Socket[bytes], str]]:
-    sock = zmq.Context.instance().socket(zmq.XPUB)  # XPUB: subscriptions are seen, so the flood is not sent blind
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        yield sock, f"tcp://127.0.0.1:{port}"
-    finally:
-        sock.close()
+    # XPUB: subscriptions are seen, so the flood is not sent blind; its default high-water mark (1000) drops the
+    # rest, as oned's PUB does
+    with publisher(zmq.XPUB, sndhwm=1000) as pair:
+        yield pair
 
 
 class RssWatch(threading.Thread):
@@ -114,6 +113,7 @@ def test_hostile_flood_keeps_rss_bounded_and_a_real_failure_is_recovered(tmp_pat
             log = open(tmp_path / "subscriber.log", "wb")  # noqa: SIM115 - closed below
             proc = subprocess.Popen([sys.executable, "-m", "oneha", "subscribe", "--config",
                                      str(stack.workers.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            stack.workers.procs.append(proc)
             watch = RssWatch(proc.pid)
             try:
                 wait_until(lambda: pub.poll(100) and pub.recv().startswith(b"\x01"), 30, what="subscription")
@@ -136,17 +136,10 @@ def test_hostile_flood_keeps_rss_bounded_and_a_real_failure_is_recovered(tmp_pat
                 assert incident.source == "zmq"
                 stack.wait_closed(incident.id, timeout_s=60)
                 assert stack.store.get(incident.id).status.value == "recovered"  # type: ignore[union-attr]
-                o = call(url, "lab.oracle")
-                assert o["duplicates"] == [] and o["lost"] == []
-                assert all(o["running"].get(str(v)) and 1 not in o["running"][str(v)] for v in vms)
+                assert assert_recovered_elsewhere(url, vms, 1)["lost"] == []
             finally:
                 watch.stop.set()
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stack.workers.stop()  # SIGTERM (then SIGKILL) to the subscriber too: it is in the pool's list
                 log.close()
             print(f"\nsubscriber RSS: {baseline:.0f} MB at rest, peak {watch.peak:.0f} MB during {FRAMES} hostile "
                   f"frames (sent in {sent_s:.1f} s); bound {RSS_BOUND_MB} MB")
