@@ -15,13 +15,13 @@ from oneha.incidents import Incident, IncidentStore, as_dict
 
 
 def _store(config: Path | None) -> IncidentStore:
-    import redis
 
+    from oneha import redisconn
     from oneha.clikit import settings_or_exit
     from oneha.keys import Keys
 
     settings = settings_or_exit(config)
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=2)
+    client = redisconn.connect(settings.redis, socket_timeout=5, socket_connect_timeout=2)
     return IncidentStore(client, Keys(settings.redis.key_prefix), settings.audit.retention_s,
                          settings.audit.max_incidents)
 

@@ -115,8 +115,17 @@ class OnedSettings(_Strict):
 
 
 class RedisSettings(_Strict):
-    url: str = Field("redis://127.0.0.1:6379/0", description="Incident store, locks and due times.")
+    url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "Incident store, locks and due times. Redis Sentinel: `sentinel://h1:26379;sentinel://h2:26379;"
+        "sentinel://h3:26379` with sentinel_master (the broker uses the same URL unless broker.url is set)."))
     key_prefix: str = Field("oneha", description="Prefix of every key oneha writes.")
+    sentinel_master: str | None = Field(None, description="Master name when `url` lists Redis Sentinels.")
+    wait_replicas: int = Field(0, ge=0, description=(
+        "Replicas that must acknowledge (Redis WAIT) a lock before its holder acts on it. Replication is "
+        "asynchronous: without this, a lock and its fencing token acknowledged by a master that dies can vanish in "
+        "the failover, and the promoted replica may hand the same token out again. Set 1 with a replica and "
+        "Sentinel; a lock not acknowledged in wait_timeout_ms is given back and taken again later."))
+    wait_timeout_ms: int = Field(1000, ge=1, description="How long a lock waits for its replica acknowledgements.")
 
 
 class BrokerSettings(_Strict):
@@ -125,7 +134,8 @@ class BrokerSettings(_Strict):
         "Redis broker: an unacked message is delivered again after this long (REFERENCE §6). Task time limits "
         "stay below it; a dead worker's incident is picked up sooner by the due-time watchdog."))
     sentinel_master: str | None = Field(None, description=(
-        "Master name when `url` lists Redis Sentinels (`sentinel://host:26379;sentinel://host2:26379`)."))
+        "Master name when `url` lists Redis Sentinels (`sentinel://host:26379;sentinel://host2:26379`). "
+        "Default: redis.sentinel_master when the broker is redis.url."))
 
 
 class SubscriberSettings(_Strict):

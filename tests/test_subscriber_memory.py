@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -109,11 +107,7 @@ def test_hostile_flood_keeps_rss_bounded_and_a_real_failure_is_recovered(tmp_pat
         subscriber = {"zmq_endpoints": [lab.events_url, hostile_url], "reconcile_interval_s": 600.0,
                       "full_scan_interval_s": 600.0, "dispatch_interval_s": 0.1, "metrics_port": 0}
         with worker_stack(tmp_path, redis_url, url, workers=1, dispatcher=False, subscriber=subscriber) as stack:
-            env = {**stack.workers.env}
-            log = open(tmp_path / "subscriber.log", "wb")  # noqa: SIM115 - closed below
-            proc = subprocess.Popen([sys.executable, "-m", "oneha", "subscribe", "--config",
-                                     str(stack.workers.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
-            stack.workers.procs.append(proc)
+            proc = stack.workers.start_subscriber()
             watch = RssWatch(proc.pid)
             try:
                 wait_until(lambda: pub.poll(100) and pub.recv().startswith(b"\x01"), 30, what="subscription")
@@ -140,7 +134,6 @@ def test_hostile_flood_keeps_rss_bounded_and_a_real_failure_is_recovered(tmp_pat
             finally:
                 watch.stop.set()
                 stack.workers.stop()  # SIGTERM (then SIGKILL) to the subscriber too: it is in the pool's list
-                log.close()
             print(f"\nsubscriber RSS: {baseline:.0f} MB at rest, peak {watch.peak:.0f} MB during {FRAMES} hostile "
                   f"frames (sent in {sent_s:.1f} s); bound {RSS_BOUND_MB} MB")
             assert watch.peak < RSS_BOUND_MB, (tmp_path / "subscriber.log").read_text()[-3000:]
