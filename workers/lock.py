@@ -84,23 +84,30 @@ class Lease:
             return False
         self.token = str(token)
         self._valid_until = (sent if sent is not None else self._sent) + self.ttl_ms / 1000.0
-        if not self._replicated():
+        if not self._replicated(self.token):
             self.release()
             return False
         return True
 
-    def _replicated(self) -> bool:
+    def _replicated(self, token: str) -> bool:
         """With replicas configured: WAIT until they hold the lock and the token counter, before anything is done
         under it. Replication is asynchronous; a lock only the dying master knew would vanish in a failover, and
         the promoted replica could give the same token to a second holder. Not acknowledged: not acquired."""
         if self.wait_replicas <= 0:
             return True
+        # WAIT counts the writes of the connection it is sent on, and a pool may lend another one: renew the lock
+        # (a write, after the acquisition in the master's replication stream) and WAIT on one connection.
+        pipe = self.r.pipeline(transaction=False)
+        self._renew(keys=[self.key], args=[token, self.ttl_ms], client=pipe)
+        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
         try:
-            acked = int(self.r.wait(self.wait_replicas, self.wait_timeout_ms))
+            renewed, acked = pipe.execute()
         except redis.RedisError as exc:
             log.warning("%s: WAIT failed (%s): lock given back", self.key, type(exc).__name__)
             return False
-        if acked < self.wait_replicas:
+        if not int(renewed):
+            return False
+        if int(acked) < self.wait_replicas:
             log.warning("%s: %d of %d replicas acknowledged the lock in %d ms: lock given back", self.key, acked,
                         self.wait_replicas, self.wait_timeout_ms)
             return False
