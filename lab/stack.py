@@ -239,6 +239,7 @@ metrics_port = 0
 
 [worker]
 dry_run = {dry_run}
+fence_env = ["ONEHA_LAB_URL"]  # the lab's fence command needs its endpoint (fence commands get a minimal env)
 task_lease_s = 20
 confirm_timeout_s = 60
 metrics_port = 0

@@ -60,6 +60,8 @@ def warm_up_producer(app: Any, queues: tuple[str, ...]) -> None:
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {"visibility_timeout": settings.broker.visibility_timeout_s}
-    if settings.broker.sentinel_master:
-        options["master_name"] = settings.broker.sentinel_master
+    master = settings.broker.sentinel_master or (settings.redis.sentinel_master if settings.broker.url is None
+                                                  else None)
+    if master:
+        options["master_name"] = master  # kombu's sentinel:// transport asks the Sentinels for this master
     return options

@@ -22,11 +22,12 @@ from oneha.incidents import Incident, IncidentStore, as_dict
 
 
 def _store(ctx: click.Context) -> IncidentStore:
+    from oneha import redisconn
     from oneha.clikit import settings_or_exit
     from oneha.keys import Keys
 
     settings = settings_or_exit(ctx.obj["config"])
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=2)
+    client = redisconn.connect(settings.redis, socket_timeout=5, socket_connect_timeout=2)
     ctx.obj["redis_url"] = settings.redis.url
     return IncidentStore(client, Keys(settings.redis.key_prefix), settings.audit.retention_s,
                          settings.audit.max_incidents)

@@ -384,6 +384,24 @@ class VmEvent:
 
 Event = HostEvent | VmEvent
 
+
+def event_size_bytes(event: Event) -> int:
+    """Rough Python memory a decoded event holds (its template dominates): what byte budgets of queues count."""
+    if isinstance(event, HostEvent):
+        if event.host is None:
+            return 200
+        return 600 + 40 * len(event.host.vm_ids) + _mapping_bytes(event.host.template)
+    return 200 if event.vm is None else 800 + _mapping_bytes(event.vm.user_template)
+
+
+def _mapping_bytes(values: Mapping[str, str]) -> int:
+    return sum(150 + len(k) + len(v) for k, v in values.items())
+
+
+def max_frame_bytes(max_event_bytes: int) -> int:
+    """The largest ZeroMQ content frame an event of `max_event_bytes` can arrive in (base64 and some slack)."""
+    return max_event_bytes * 4 // 3 + 16
+
 _KEY_STATE_HOST = re.compile(rb"^EVENT STATE HOST/([A-Z_]+)//(\d{1,10}) ?$")
 _KEY_HOST = re.compile(rb"^EVENT HOST (\d{1,10})/([A-Z_]+)/ ?$")
 _KEY_STATE_VM = re.compile(rb"^EVENT STATE VM/([A-Z_]+)/([A-Z_]+)/(\d{1,10}) ?$")
@@ -412,7 +430,7 @@ def parse_key(key: bytes) -> EventKey:
 def safe_b64decode(data: bytes | str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
     """Base64 with whitespace tolerated, size checked before decoding so a huge payload costs nothing."""
     raw = data.encode("ascii", "replace") if isinstance(data, str) else data
-    if len(raw) > max_bytes * 4 // 3 + 16:
+    if len(raw) > max_frame_bytes(max_bytes):
         raise EventError("too_large", f"{len(raw)} bytes")
     try:
         return base64.b64decode(b"".join(raw.split()), validate=True)
@@ -423,28 +441,60 @@ def safe_b64decode(data: bytes | str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) 
 # lxml >= 5 (REFERENCE §5: older lxml resolved external entities): entities are never resolved, nothing is fetched,
 # no DTD is loaded, and libxml2's limits against huge trees and entity amplification stay on. A document that
 # carries a DTD at all is refused: oned never sends one, so it can only be hostile.
+# Parse cost and the size of what a document turns into are bounded too: the size cap alone lets 1 MiB hold ~90,000
+# elements (each becoming Python objects in a view), so elements and attributes are bounded, and libxml2 refuses
+# nesting deeper than 256 levels (huge_tree=False). A real event is far below the limits: a VM with a long history
+# is a few hundred elements, a host with 2,000 VMs and 256 NUMA cores a few thousand, and oned's XML has no
+# attributes. Fast path: a document starting with "<" (an ASCII-compatible encoding) has at most as many elements as
+# "<" bytes and attributes as "=" bytes; only one over those counts is parsed with a pull parser that counts and
+# stops at the first limit passed (10x slower per document, so not for every event).
+MAX_XML_ELEMENTS = 20_000
+MAX_XML_ATTRIBUTES = 256  # in the whole document
+_FEED_BYTES = 64 * 1024  # the counting parse is fed in chunks and checked between them: a hostile document stops early
+_PARSER_OPTIONS: dict[str, Any] = {"resolve_entities": False, "no_network": True, "load_dtd": False,
+                                   "dtd_validation": False, "huge_tree": False, "remove_comments": True,
+                                   "remove_pis": True}
 _parsers = threading.local()  # lxml parsers must not be shared between threads
 
 
 def _parser() -> Any:
     parser = getattr(_parsers, "parser", None)
     if parser is None:
-        parser = _parsers.parser = etree.XMLParser(
-            resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False, huge_tree=False,
-            remove_comments=True, remove_pis=True)
+        parser = _parsers.parser = etree.XMLParser(**_PARSER_OPTIONS)
     return parser
 
 
+def _within_limits_for_sure(doc: bytes) -> bool:
+    return (doc.lstrip()[:1] == b"<" and doc.count(b"<") <= MAX_XML_ELEMENTS
+            and doc.count(b"=") <= MAX_XML_ATTRIBUTES)
+
+
+def _counted_parse(doc: bytes) -> XmlElement:
+    parser = etree.XMLPullParser(events=("start",), **_PARSER_OPTIONS)
+    elements = attributes = 0
+    for start in range(0, len(doc), _FEED_BYTES):
+        parser.feed(doc[start:start + _FEED_BYTES])
+        for _, elem in parser.read_events():
+            elements += 1
+            attributes += len(elem.attrib)
+        if elements > MAX_XML_ELEMENTS:
+            raise EventError("too_complex", f"more than {MAX_XML_ELEMENTS} elements")
+        if attributes > MAX_XML_ATTRIBUTES:
+            raise EventError("too_complex", f"more than {MAX_XML_ATTRIBUTES} attributes")
+    return parser.close()
+
+
 def safe_parse_xml(doc: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> XmlElement:
-    """Parse untrusted XML: no DTDs, no entities, bounded size."""
+    """Parse untrusted XML: no DTDs, no entities; size, elements, attributes and depth bounded."""
     if len(doc) > max_bytes:
         raise EventError("too_large", f"{len(doc)} bytes")
     try:
-        root = etree.fromstring(doc, _parser())
+        root = etree.fromstring(doc, _parser()) if _within_limits_for_sure(doc) else _counted_parse(doc)
     except etree.XMLSyntaxError as exc:
         # libxml2 stops entity bombs itself ("Maximum entity amplification factor exceeded"): count them as hostile.
-        reason = "hostile_xml" if "amplification" in str(exc) else "bad_xml"
-        raise EventError(reason, str(exc)) from exc
+        text = str(exc)
+        reason = "hostile_xml" if "amplification" in text else "too_complex" if "depth" in text else "bad_xml"
+        raise EventError(reason, text) from exc
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise EventError("hostile_xml", "document carries a DTD")

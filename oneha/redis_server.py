@@ -48,11 +48,12 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, port: int | None = None, persist: bool = False, workdir: Path | None = None) -> RedisServer:
+    def start(cls, port: int | None = None, persist: bool = False, workdir: Path | None = None,
+              extra_args: tuple[str, ...] = ()) -> RedisServer:
         port = port or free_port()
         workdir = workdir or Path(tempfile.mkdtemp(prefix="oneha-redis-"))
         args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                "--save", "", "--appendonly", "yes" if persist else "no", "--protected-mode", "yes"]
+                "--save", "", "--appendonly", "yes" if persist else "no", "--protected-mode", "yes", *extra_args]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         server = cls(port, process, workdir, persist)
         client = redis.Redis(port=port, socket_connect_timeout=0.2)

@@ -144,8 +144,17 @@ class OnedSettings(_Strict):
 
 
 class RedisSettings(_Strict):
-    url: str = Field("redis://127.0.0.1:6379/0", description="Incident store, locks and due times.")
+    url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "Incident store, locks and due times. Redis Sentinel: `sentinel://h1:26379;sentinel://h2:26379;"
+        "sentinel://h3:26379` with sentinel_master (the broker uses the same URL unless broker.url is set)."))
     key_prefix: str = Field("oneha", description="Prefix of every key oneha writes.")
+    sentinel_master: str | None = Field(None, description="Master name when `url` lists Redis Sentinels.")
+    wait_replicas: int = Field(0, ge=0, description=(
+        "Replicas that must acknowledge (Redis WAIT) a lock before its holder acts on it. Replication is "
+        "asynchronous: without this, a lock and its fencing token acknowledged by a master that dies can vanish in "
+        "the failover, and the promoted replica may hand the same token out again. Set 1 with a replica and "
+        "Sentinel; a lock not acknowledged in wait_timeout_ms is given back and taken again later."))
+    wait_timeout_ms: int = Field(1000, ge=1, description="How long a lock waits for its replica acknowledgements.")
 
 
 class BrokerSettings(_Strict):
@@ -154,15 +163,25 @@ class BrokerSettings(_Strict):
         "Redis broker: an unacked message is delivered again after this long (REFERENCE §6). Task time limits "
         "stay below it; a dead worker's incident is picked up sooner by the due-time watchdog."))
     sentinel_master: str | None = Field(None, description=(
-        "Master name when `url` lists Redis Sentinels (`sentinel://host:26379;sentinel://host2:26379`)."))
+        "Master name when `url` lists Redis Sentinels (`sentinel://host:26379;sentinel://host2:26379`). "
+        "Default: redis.sentinel_master when the broker is redis.url."))
 
 
 class SubscriberSettings(_Strict):
     zmq_endpoints: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:2101"], description=(
         "one_hm publishers; list every front-end of an HA cluster (only the leader publishes)."))
-    zmq_rcvhwm: int = Field(100_000, ge=1, description="Receive high-water mark (messages).")
-    max_event_bytes: int = Field(1 << 20, ge=4096, description="Larger event payloads are rejected.")
+    zmq_rcvhwm: int = Field(100_000, ge=1, description=(
+        "Receive high-water mark (messages); lowered to what zmq_queue_bytes allows."))
+    zmq_queue_bytes: int = Field(128 << 20, ge=1 << 20, description=(
+        "Memory the ZeroMQ receive queue may hold: every frame is capped (ZMQ_MAXMSGSIZE) at the base64 size of "
+        "max_event_bytes, and the high-water mark becomes zmq_queue_bytes / that (96 messages with the defaults; "
+        "a lower max_event_bytes queues more events in the same memory)."))
+    max_event_bytes: int = Field(1 << 20, ge=4096, description=(
+        "Larger event payloads are rejected; a ZeroMQ frame larger than its base64 makes libzmq drop the "
+        "connection (oneha reconnects at once; what was in flight is left to the reconciler)."))
     buffer_events: int = Field(10_000, ge=1, description="Events kept in memory while Redis is unreachable.")
+    buffer_bytes: int = Field(64 << 20, ge=1 << 20, description=(
+        "...and at most about this much memory of decoded events."))
     reconcile_interval_s: float = Field(30.0, gt=0, description="Scan of hosts in ERROR and their VMs.")
     full_scan_interval_s: float = Field(300.0, gt=0, description=(
         "Scan of the whole VM pool (paged) for failure states and crashes on healthy hosts."))
@@ -190,6 +209,11 @@ class WorkerSettings(_Strict):
     storm_recheck_s: float = Field(10.0, gt=0, description="How often a held incident re-checks the condition.")
     vm_failure_max_recoveries: int = Field(3, ge=1, description="Loop protection: recoveries of one VM per window.")
     vm_failure_window_s: float = Field(3600.0, gt=0, description="Window of vm_failure_max_recoveries.")
+    fence_env: list[str] = Field(default_factory=list, description=(
+        "Names of further environment variables passed on to fence commands. They get only PATH, LANG, LANGUAGE, "
+        "TZ, LC_* and what the shipped fence scripts read (ONEHA_FENCE_CRED_DIR, ONEHA_FENCE_DEADLINE_S, "
+        "ONEHA_FENCE_POLL_S, ONEHA_FENCE_PYTHON, ONEHA_IPMI_INTERFACE, ONEHA_IPMITOOL, ONEHA_CURL, "
+        "ONEHA_REDFISH_TIMEOUT_S): never the worker's own credentials."))
     metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 

@@ -13,7 +13,7 @@ from collections import deque
 
 import redis
 
-from oneha.opennebula import Event
+from oneha.opennebula import Event, event_size_bytes
 from subscriber import metrics
 from subscriber.intake import Intake
 from subscriber.logs import kv
@@ -24,9 +24,12 @@ REPLAY_CHUNK = 500
 
 
 class BufferedIntake:
-    def __init__(self, intake: Intake, capacity: int, backoff_base_s: float = 0.1, backoff_max_s: float = 5.0) -> None:
+    def __init__(self, intake: Intake, capacity: int, backoff_base_s: float = 0.1, backoff_max_s: float = 5.0,
+                 capacity_bytes: int = 64 << 20) -> None:
         self.intake = intake
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes  # estimated memory of the decoded events held (event_size_bytes)
+        self._held_bytes = 0
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._pending: deque[tuple[Event, str, float]] = deque()
@@ -68,7 +71,7 @@ class BufferedIntake:
                     self._fail(exc)
                     break
                 for _ in chunk:
-                    self._pending.popleft()
+                    self._held_bytes -= event_size_bytes(self._pending.popleft()[0])
                 done += len(chunk)
             if not self._pending:
                 self._backoff = self.backoff_base_s
@@ -76,12 +79,14 @@ class BufferedIntake:
         return done
 
     def _push(self, event: Event, source: str, received_at: float) -> None:
-        if len(self._pending) >= self.capacity:
+        size = event_size_bytes(event)
+        if len(self._pending) >= self.capacity or self._held_bytes + size > self.capacity_bytes:
             metrics.EVENTS_DROPPED.labels("buffer_full").inc()
             log.warning("event dropped: buffer full (the reconciler will find it)",
-                        extra=kv(capacity=self.capacity, source=source))
+                        extra=kv(capacity=self.capacity, capacity_bytes=self.capacity_bytes, source=source))
             return
         self._pending.append((event, source, received_at))
+        self._held_bytes += size
 
     def _fail(self, exc: Exception) -> None:
         metrics.REDIS_ERRORS.labels("intake").inc()

@@ -17,11 +17,11 @@ from typing import Any
 
 import redis
 
-from oneha import heartbeat
+from oneha import heartbeat, redisconn
 from oneha.incidents import IncidentStore
 from oneha.keys import Keys
 from oneha.opennebula import OnedClient, make_server
-from oneha.settings import Settings
+from oneha.settings import RedisSettings, Settings
 from subscriber import metrics
 from subscriber.buffer import BufferedIntake
 from subscriber.dispatcher import Dispatcher, make_celery
@@ -37,9 +37,9 @@ log = logging.getLogger("oneha.subscriber")
 ALL = ("zmq", "stream", "dispatcher", "reconciler")
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(settings: RedisSettings) -> redis.Redis:
     # Short timeouts: a dead Redis must turn into an error the loops handle, not a hang.
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+    return redisconn.connect(settings, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
 
 
 def freeze_gc() -> None:
@@ -58,22 +58,23 @@ class Service:
         self.components = tuple(components)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.r = redis_client(settings.redis.url)
+        self.r = redis_client(settings.redis)
         self.store = IncidentStore(self.r, Keys(settings.redis.key_prefix), settings.audit.retention_s,
                                    settings.audit.max_incidents)
         check = HostCheck(self.oned, on_contradicted_failure=lambda: self.reconciler.poke())
         self.intake = Intake(self.store, settings.policy, on_opened=self.wake, check=check)
         sub = settings.subscriber
-        self.buffer = BufferedIntake(self.intake, sub.buffer_events)
+        self.buffer = BufferedIntake(self.intake, sub.buffer_events, capacity_bytes=sub.buffer_bytes)
         self._celery = celery
         self._oned_factory = oned
         self.threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
         self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit_many, self.stop_event, sub.zmq_rcvhwm,
-                                    sub.max_event_bytes, idle=self.buffer.flush)
+                                    sub.max_event_bytes, idle=self.buffer.flush, queue_bytes=sub.zmq_queue_bytes)
         self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
                                      max_event_bytes=sub.max_event_bytes)
-        broker = redis_client(settings.broker_url) if settings.broker_url.startswith("redis") else None
+        broker_is_redis = settings.broker_url.startswith("redis")  # (a Sentinel broker: no queue-length check)
+        broker = redis_client(RedisSettings(url=settings.broker_url)) if broker_is_redis else None
         self.fatal: str | None = None  # why the service stopped by itself (exit code 2)
         self.reconciler = Reconciler(self.oned, self.intake, self.store, sub.reconcile_interval_s,
                                      sub.full_scan_interval_s, self.stop_event, broker, on_refused=self._refused)

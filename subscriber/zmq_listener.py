@@ -7,6 +7,19 @@ throw the second copy away. The decoder still accepts both forms (tests, other t
 
 Reconnects are zmq's job (ZMQ_RECONNECT_IVL/_MAX); a socket monitor counts them. What the publisher drops past its
 high-water mark is invisible to a subscriber; the reconciler is the answer to every kind of loss.
+
+Memory is bounded in bytes, not only in messages: ZMQ_MAXMSGSIZE caps each frame at the largest event accepted (in
+base64), and the receive high-water mark of each publisher's socket is its share of the byte budget
+(`zmq_queue_bytes`) divided by that, so what libzmq queues stays within the budget. A batch handed to the sink is
+bounded by an estimate of the decoded events' memory (BATCH_BYTES) and by time (BATCH_S).
+
+Reconnecting (libzmq 4.3.5, checked): a frame over MAXMSGSIZE makes libzmq drop the connection as a protocol error,
+and after a protocol error libzmq does NOT reconnect: the endpoint would stay silent for good. Reconnecting on the
+same socket (disconnect + connect) is not safe either: the old pipe, terminated while a message of it is half read,
+makes fq_t point at the other pipe and abort the process ("Assertion failed: !_more (src/fq.cpp:80)", seen under a
+hostile flood). So each publisher has its own SUB socket, and on EVENT_DISCONNECTED that socket is drained of the
+complete messages it holds, closed, and replaced by a new one connected to the same endpoint (for an ordinary
+connection loss this only does what libzmq would have done). What was in flight is left to the reconciler.
 """
 
 from __future__ import annotations
@@ -19,7 +32,15 @@ from collections.abc import Callable, Sequence
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from oneha.opennebula import HOST_PREFIXES, VM_PREFIXES, Event, EventError, decode_event
+from oneha.opennebula import (
+    HOST_PREFIXES,
+    VM_PREFIXES,
+    Event,
+    EventError,
+    decode_event,
+    event_size_bytes,
+    max_frame_bytes,
+)
 from subscriber import metrics
 from subscriber.logs import kv
 
@@ -28,6 +49,9 @@ log = logging.getLogger("oneha.subscriber.zmq")
 Sink = Callable[[list[tuple[Event, str, float]]], None]
 POLL_MS = 200  # SIGTERM is noticed within this long
 BATCH = 1000  # messages taken per wake-up before looking at the stop flag and the monitor again
+BATCH_BYTES = 16 << 20  # ...or fewer, once the decoded events of the batch hold about this much memory
+BATCH_S = 0.2  # ...or after this long (a flood of costly hostile frames must not hide the stop flag for minutes)
+MIN_RCVHWM = 16
 
 
 class _RateLimit:
@@ -77,12 +101,13 @@ def decode_frames(frames: Sequence[bytes], max_bytes: int) -> Event | None:
 class ZmqListener:
     def __init__(self, endpoints: Sequence[str], sink: Sink, stop: threading.Event, rcvhwm: int = 100_000,
                  max_event_bytes: int = 1 << 20, idle: Callable[[], object] | None = None,
-                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None, queue_bytes: int | None = None) -> None:
         self.endpoints = list(endpoints)
         self.sink = sink
         self.stop = stop
-        self.rcvhwm = rcvhwm
         self.max_event_bytes = max_event_bytes
+        per_socket = None if queue_bytes is None else queue_bytes // max(1, len(self.endpoints))
+        self.rcvhwm = receive_hwm(rcvhwm, max_event_bytes, per_socket)  # one socket per endpoint shares the budget
         self.idle = idle  # called between batches (buffer replay), in this thread
         self.context = context or zmq.Context.instance()
         self.connected = threading.Event()  # set after the first successful connection (tests, readiness)
@@ -94,41 +119,51 @@ class ZmqListener:
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        # No ZMQ_MAXMSGSIZE: zmq would drop the whole connection on one oversized frame (losing what follows,
-        # uncounted); the decoder rejects it by length before decoding instead, and counts it.
+        # libzmq allocates a frame of the size its header announces: without this cap one frame could take GBs.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(self.max_event_bytes) + 1)
         for prefix in (*HOST_PREFIXES, *VM_PREFIXES):
             sock.setsockopt(zmq.SUBSCRIBE, prefix)
         return sock
 
     def run(self) -> None:
-        sock = self._socket()
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        for endpoint in self.endpoints:
-            sock.connect(endpoint)
+        # One SUB socket per publisher, each replaced whole when its connection drops (see the module docstring).
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        subs = [self._open(endpoint, poller) for endpoint in self.endpoints]
         seen: set[str] = set()
         log.info("zmq listening", extra=kv(endpoints=self.endpoints))
         try:
             while not self.stop.is_set():
                 ready = dict(poller.poll(POLL_MS))
-                if monitor in ready:
-                    self._monitor(monitor, seen)
-                if sock in ready:
-                    self._drain(sock)
+                for i, (sock, monitor) in enumerate(subs):
+                    if sock in ready:
+                        self._drain(sock)
+                    if monitor in ready and self._monitor(monitor, seen):
+                        self._drain(sock)  # what arrived complete before the drop
+                        _close(sock, monitor, poller)
+                        subs[i] = self._open(self.endpoints[i], poller)
                 if self.idle is not None:
                     self.idle()
         finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
+            for sock, monitor in subs:
+                _close(sock, monitor, poller)
             log.info("zmq stopped", extra=kv(received=self.received))
+
+    def _open(self, endpoint: str, poller: zmq.Poller) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        sock = self._socket()
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(endpoint)
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        return sock, monitor
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
         """Take what is waiting (up to BATCH) and hand it over as one batch: one Redis round trip per burst."""
         batch: list[tuple[Event, str, float]] = []
+        held = 0
+        until = time.monotonic() + BATCH_S
         for _ in range(BATCH):
+            if held > BATCH_BYTES or time.monotonic() > until:
+                break
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -138,12 +173,15 @@ class ZmqListener:
             self.received += 1  # after decoding: a message counted as received is also counted as rejected or not
             if event is not None:
                 batch.append((event, "zmq", received_at))
+                held += event_size_bytes(event)
         if self.received:
             metrics.LAST_EVENT.set(time.time())
         if batch:
             self.sink(batch)
 
-    def _monitor(self, monitor: zmq.Socket[bytes], seen: set[str]) -> None:
+    def _monitor(self, monitor: zmq.Socket[bytes], seen: set[str]) -> bool:
+        """Count (re)connections; True when the connection dropped and the socket must be replaced."""
+        dropped = False
         while monitor.poll(0):
             msg = recv_monitor_message(monitor)
             endpoint = msg.get("endpoint", b"")
@@ -155,4 +193,24 @@ class ZmqListener:
                 seen.add(name)
                 self.connected.set()
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
-                log.warning("zmq disconnected", extra=kv(endpoint=name))
+                log.warning("zmq disconnected (publisher gone, or a frame over the size limit); reconnecting",
+                            extra=kv(endpoint=name))
+                dropped = True
+        return dropped
+
+
+def _close(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], poller: zmq.Poller) -> None:
+    poller.unregister(sock)
+    poller.unregister(monitor)
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
+def receive_hwm(rcvhwm: int, max_event_bytes: int, queue_bytes: int | None) -> int:
+    """The receive high-water mark (messages) that keeps libzmq's queue within `queue_bytes`: each message may be
+    as large as the largest accepted frame. 0 (unbounded) only when no byte budget is given (benchmarks)."""
+    if queue_bytes is None:
+        return rcvhwm
+    by_bytes = max(MIN_RCVHWM, queue_bytes // max_frame_bytes(max_event_bytes))
+    return by_bytes if rcvhwm == 0 else min(rcvhwm, by_bytes)

@@ -35,6 +35,8 @@ HOSTILE: dict[str, list[bytes]] = {
     "key_mismatch": [b"EVENT STATE HOST/ERROR//4 ", host_message(3, "ERROR", 3)[1]],
     "frame_count": [KEY],
     "not_state_message": [KEY, base64.b64encode(b"<HOST><ID>3</ID></HOST>")],
+    "too_complex": [KEY, base64.b64encode(b"<HOOK_MESSAGE><HOST><TEMPLATE>" + b"<A>1</A>" * 30_000
+                                          + b"</TEMPLATE></HOST></HOOK_MESSAGE>")],
 }
 
 
@@ -69,16 +71,21 @@ def test_random_xml_bodies_never_raise(body: str, key: bytes) -> None:
 def test_running_listener_survives_hostile_traffic_with_bounded_memory(redis_url: str) -> None:
     """Thousands of hostile messages over a real socket: all counted, the service still works, memory flat."""
     rejected_before = sum(metric("oneha_events_rejected_total", reason=r) for r in HOSTILE)
-    small = {r: f for r, f in HOSTILE.items() if r != "too_large"}
+    small = {r: f for r, f in HOSTILE.items() if r not in ("too_large", "too_complex")}  # cheap ones
     with publisher() as (pub, url), running(make_settings(redis_url, [url])) as svc:
         sync(pub, svc)
         rounds = 300
 
         def blast(n: int) -> None:
+            """n rounds of every small hostile kind, then the 10 MB frame: over ZMQ_MAXMSGSIZE, libzmq drops the
+            connection without reading it, and the listener connects again (libzmq alone would not)."""
+            reconnects = metric("oneha_zmq_reconnects_total")
             for _ in range(n):
                 for frames in small.values():
                     pub.send_multipart(frames)
             pub.send_multipart(HOSTILE["too_large"])
+            wait_until(lambda: metric("oneha_zmq_reconnects_total") > reconnects, 30, what="reconnected")
+            sync(pub, svc)
 
         def rejected() -> float:
             return sum(metric("oneha_events_rejected_total", reason=r) for r in HOSTILE) - rejected_before
@@ -86,21 +93,19 @@ def test_running_listener_survives_hostile_traffic_with_bounded_memory(redis_url
         # Waits count rejections, not messages received: sync() may leave a stray probe in flight, which would
         # make a received count reach its target one hostile message early.
         blast(20)  # warm-up: metric children, caches
-        wait_until(lambda: rejected() >= 20 * len(small) + 1, 30, what="warm-up rejected")
+        wait_until(lambda: rejected() >= 20 * len(small), 30, what="warm-up rejected")
         gc.collect()
         tracemalloc.start()
         base, _ = tracemalloc.get_traced_memory()
         blast(rounds)
-        wait_until(lambda: rejected() >= (rounds + 20) * len(small) + 2, 30, what="hostile messages rejected")
+        wait_until(lambda: rejected() >= (rounds + 20) * len(small), 30, what="hostile messages rejected")
         gc.collect()
         grown, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         print(f"\nhostile: {rounds * len(small) + 1} messages, traced memory growth {(grown - base) / 1024:.0f} KiB,"
               f" peak {(peak - base) / 1048576:.1f} MiB")
         assert grown - base < 2 << 20  # nothing accumulates per message
-        assert peak - base < 64 << 20  # the 10 MB frame is the biggest thing held, once
-        after = sum(metric("oneha_events_rejected_total", reason=r) for r in HOSTILE)
-        assert after - rejected_before >= (rounds + 20) * len(small) + 2
+        assert peak - base < 64 << 20  # the 10 MB frame never reaches Python: dropped by libzmq
         # Still alive and working.
         pub.send_multipart(list(vm_message(77, "BOOT_FAILURE", 36)))
         wait_until(lambda: incidents(redis_url), 5, what="incident after the storm")

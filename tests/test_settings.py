@@ -76,3 +76,23 @@ def test_cli_exits_2_on_a_bad_file(tmp_path: Path) -> None:
 def test_configuration_docs_are_current() -> None:
     assert (ROOT / "docs" / "configuration.md").read_text() == render_docs(), \
         "docs/configuration.md is stale: run `oneha config docs --output docs/configuration.md`"
+
+
+def test_sentinel_urls_serve_the_store_and_the_broker() -> None:
+    """One `sentinel://` URL and master name: redis-py's Sentinel client for the store, kombu's sentinel
+    transport (with `master_name`) for Celery's broker."""
+    from oneha import redisconn
+    from oneha.celeryconf import celery_config
+    from oneha.settings import RedisSettings, Settings
+
+    url = "sentinel://127.0.0.1:26379;sentinel://127.0.0.2:26380;sentinel://localhost/2"
+    assert redisconn.parse_sentinel_url(url) == ([("127.0.0.1", 26379), ("127.0.0.2", 26380),
+                                                  ("localhost", 26379)], 2)
+    with pytest.raises(ConfigError, match="sentinel_master"):
+        redisconn.connect(RedisSettings(url=url))
+    with pytest.raises(ConfigError, match="not sentinel"):
+        redisconn.parse_sentinel_url("sentinel://127.0.0.1:26379;redis://127.0.0.1:6379")
+    client = redisconn.connect(RedisSettings(url=url, sentinel_master="oneha"))  # connects lazily
+    assert client.connection_pool.service_name == "oneha"  # type: ignore[attr-defined]
+    config = celery_config(Settings(redis=RedisSettings(url=url, sentinel_master="oneha")))
+    assert config["broker_url"] == url and config["broker_transport_options"]["master_name"] == "oneha"

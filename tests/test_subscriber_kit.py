@@ -54,10 +54,10 @@ def vm_message(vid: int, lcm_name: str, lcm: int, hid: int = 0, cluster: int = 0
 
 
 @contextlib.contextmanager
-def publisher() -> Iterator[tuple[zmq.Socket[bytes], str]]:
-    sock = zmq.Context.instance().socket(zmq.PUB)
+def publisher(kind: int = zmq.PUB, sndhwm: int = 0) -> Iterator[tuple[zmq.Socket[bytes], str]]:
+    sock = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     try:
         yield sock, f"tcp://127.0.0.1:{port}"

@@ -16,7 +16,7 @@ from oneha.waiting import wait_until
 from subscriber.service import Service
 from tests.labkit import call, running_lab
 from tests.test_bridge import bridge
-from tests.test_subscriber_kit import incidents, metric, publisher, settings
+from tests.test_subscriber_kit import host_message, incidents, metric, publisher, settings
 
 
 @contextlib.contextmanager
@@ -138,3 +138,33 @@ def test_subscriber_down_during_failure_and_disabled_host(redis_url: str) -> Non
             crashed = {i.resource_id for i in found if i.kind == Kind.VM_CRASH}
             assert set(lost) <= crashed
             assert all(i.source == "reconciler" for i in found)
+
+
+def test_raft_front_ends_only_the_leader_publishes_and_the_leader_moves(redis_url: str) -> None:
+    """Three front-ends in the subscriber's list, as in an OpenNebula Raft HA cluster: one is down, one (the lab)
+    is the leader and publishes, one is a follower. The leader's ERROR event becomes an incident; then the leader
+    moves to the front-end that was down (it starts and publishes), and its events are heard too."""
+    from oneha.redis_server import free_port
+
+    down_port = free_port()
+    with running_lab(hosts=3, vms=3) as lab, publisher() as (_follower, follower_url):
+        down_url = f"tcp://127.0.0.1:{down_port}"
+        s = settings(redis_url, [down_url, lab.events_url, follower_url], rpc_url=lab.rpc_url, session=lab.session,
+                     host_grace_s=60)
+        with services(1, s) as svcs:
+            toggle_until_heard(lab.rpc_url, svcs, 2)
+            call(lab.rpc_url, "lab.host.kill", 1)
+            wait_until(lambda: any(i.resource_id == 1 and i.source == "zmq" for i in incidents(redis_url)), 10,
+                       what="incident from the leader's event")
+            # Leader change: the lab stops publishing, the front-end that was down comes up and publishes.
+            lab.stop()
+            new_leader = zmq.Context.instance().socket(zmq.PUB)
+            new_leader.setsockopt(zmq.LINGER, 0)
+            new_leader.bind(down_url)
+            try:
+                key, content = host_message(7, "ERROR", 3)
+                wait_until(lambda: (new_leader.send_multipart([key, content]),
+                                    any(i.resource_id == 7 for i in incidents(redis_url)))[1], 15,
+                           interval_s=0.1, what="incident from the new leader's event")
+            finally:
+                new_leader.close()

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
 import random
+import signal
 import sys
+import time
 
 from oneha.opennebula import HostState, HostView, LcmState, VmState, VmView, decode_template
 from oneha.settings import ClusterPolicy
+from oneha.waiting import wait_until
 from workers.fence import host_xml, run_fence
 from workers.host_flow import storm_reason
 from workers.oned import full_jitter
@@ -115,3 +120,54 @@ def test_fence_contract_fail_closed_and_no_shell(tmp_path) -> None:
     assert slow.result == "failed" and "timed out" in slow.detail
     semicolon = run_fence(ClusterPolicy(fencing=["true; false"], fence_attempts=1), h)  # no shell: no such file
     assert semicolon.result == "failed" and "cannot run" in semicolon.detail
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone: it ran out, only its parent has not reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_fence_timeout_kills_the_whole_process_group(tmp_path) -> None:
+    """A shell script's child (ipmitool, curl; here `sleep 600`) must not outlive the timed-out attempt: it could
+    power the host off after the incident was declared fence_failed."""
+    pidfile = tmp_path / "pid"
+    script = f"sleep 600 & echo $! > {pidfile}; wait"
+    started = time.monotonic()
+    result = run_fence(ClusterPolicy(fencing=["sh", "-c", script], fence_timeout_s=0.5, fence_attempts=1),
+                       host(3, HostState.ERROR))
+    assert result.result == "failed" and "timed out" in result.detail
+    assert time.monotonic() - started < 5
+    pid = int(pidfile.read_text())
+    try:
+        wait_until(lambda: not _alive(pid), 5, what=f"the fence command's child {pid} to die")
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_fence_command_gets_a_minimal_environment(tmp_path, monkeypatch) -> None:
+    """oned's credentials (and anything else of the worker's environment) never reach a fence tool; PATH, the
+    locale and the variables the shipped fence scripts document do, and names listed in worker.fence_env."""
+    monkeypatch.setenv("ONEHA_ONED__SESSION", "oneadmin:s3cret")
+    monkeypatch.setenv("ONEHA_REDIS__URL", "redis://:pw@127.0.0.1:1/0")
+    monkeypatch.setenv("ONE_AUTH", "/etc/one/one_auth")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("ONEHA_FENCE_DEADLINE_S", "30")
+    monkeypatch.setenv("ONEHA_IPMITOOL", "/usr/bin/ipmitool")
+    monkeypatch.setenv("MY_FENCE_SITE", "rack-7")
+    out = tmp_path / "env.json"
+    script = f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    result = run_fence(ClusterPolicy(fencing=[sys.executable, "-c", script], fence_attempts=1),
+                       host(3, HostState.ERROR), env_names=["MY_FENCE_SITE"])
+    assert result.ok, result.detail
+    env = json.loads(out.read_text())
+    env.pop("LC_CTYPE", None)  # Python may set it itself (PEP 538 locale coercion)
+    assert env == {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+                   "ONEHA_FENCE_DEADLINE_S": "30", "ONEHA_IPMITOOL": "/usr/bin/ipmitool", "MY_FENCE_SITE": "rack-7"}
+    assert not any("s3cret" in v or "pw@" in v for v in env.values())

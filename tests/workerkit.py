@@ -21,12 +21,14 @@ from typing import Any
 
 import redis
 
+from oneha import redisconn
 from oneha.incidents import Incident, IncidentStore, Kind
 from oneha.keys import Keys
 from oneha.settings import Settings, load_settings
 from oneha.waiting import wait_until
 
 FENCE_LAB = [sys.executable, "-m", "oneha", "lab", "fence-command"]
+LAB_FENCE_ENV = ["ONEHA_LAB_URL", "ONEHA_LAB_SESSION", "ONEHA_LAB_FENCE_FAIL"]  # what the lab's fence command reads
 
 
 def _toml_value(value: Any) -> str:
@@ -53,23 +55,26 @@ def _toml(data: dict[str, Any], prefix: str = "") -> str:
 def write_config(directory: Path, redis_url: str, oned_url: str, session: str = "oneadmin:opennebula",
                  policy: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                  oned: dict[str, Any] | None = None, clusters: dict[int, dict[str, Any]] | None = None,
-                 broker_url: str | None = None) -> Path:
+                 broker_url: str | None = None, subscriber: dict[str, Any] | None = None,
+                 redis_options: dict[str, Any] | None = None) -> Path:
     """A test configuration: short leases and deadlines, fencing through the lab, credentials in a 0600 file."""
     auth = directory / "one_auth"
     auth.write_text(session + "\n")
     auth.chmod(0o600)
     data: dict[str, Any] = {
-        "redis": {"url": redis_url},
+        "redis": {"url": redis_url, **(redis_options or {})},
         "oned": {"endpoint": oned_url, "auth_file": str(auth), "connect_timeout_s": 2.0, "read_timeout_s": 3.0,
                  "max_concurrent_calls": 8, "call_attempts": 6, "backoff_base_s": 0.02, "backoff_max_s": 0.3,
                  **(oned or {})},
         "worker": {"lock_ttl_s": 3.0, "task_lease_s": 4.0, "confirm_timeout_s": 15.0, "storm_recheck_s": 1.0,
-                   "storm_max_hosts": 50, "metrics_port": 0, **(worker or {})},
+                   "storm_max_hosts": 50, "metrics_port": 0, "fence_env": LAB_FENCE_ENV, **(worker or {})},
         "policy": {"default": {"host_grace_s": 0.0, "fencing": FENCE_LAB, "fence_timeout_s": 20.0,
                                "fence_attempts": 2, "vm_crash_grace_s": 0.0, **(policy or {})}},
     }
     if broker_url:
         data["broker"] = {"url": broker_url}
+    if subscriber:
+        data["subscriber"] = subscriber
     if clusters:
         data["policy"]["clusters"] = {str(c): v for c, v in clusters.items()}
     path = directory / "oneha.toml"
@@ -95,6 +100,14 @@ class WorkerPool:
             self.procs.append(proc)
             started.append(proc)
         return started
+
+    def start_subscriber(self) -> subprocess.Popen[bytes]:
+        """`oneha subscribe` with the same config and environment; stopped with the workers."""
+        log = open(self.logdir / "subscriber.log", "wb")  # noqa: SIM115 - closed with the process
+        cmd = [sys.executable, "-m", "oneha", "subscribe", "--config", str(self.config)]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(proc)
+        return proc
 
     def wait_ready(self, client: redis.Redis, keys: Keys, n: int, timeout_s: float = 30.0) -> None:
         def ready() -> bool:
@@ -177,7 +190,7 @@ def worker_stack(directory: Path, redis_url: str, lab_url: str, workers: int = 2
 
     path = write_config(directory, redis_url, lab_url, **config)
     settings = load_settings(path)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redisconn.connect(settings.redis, decode_responses=True)  # redis:// or Sentinel
     keys = Keys(settings.redis.key_prefix)
     store = IncidentStore(client, keys)
     celery = make_celery(settings)

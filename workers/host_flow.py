@@ -92,7 +92,7 @@ def fence_host(flow: Flow, host: HostView, policy: ClusterPolicy) -> FenceResult
         flow.check_lease()
         flow.rt.extend(flow.incident.id, policy.fence_timeout_s)
 
-    result = run_fence(policy, host, before_attempt)
+    result = run_fence(policy, host, before_attempt, flow.rt.settings.worker.fence_env)
     flow.rt.hooks.fence(flow, result.result, attempts=result.attempts, detail=result.detail)
     if result.ok:
         flow.rt.store.set_fields(flow.incident.id, fenced_at=round(time.time(), 3), fence=result.result)

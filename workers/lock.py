@@ -51,8 +51,11 @@ return 0
 class Lease:
     """One holder's lease on a host or VM. Use as a context manager (renewal thread, release on exit)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, resource: Resource, resource_id: int, ttl_s: float) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, resource: Resource, resource_id: int, ttl_s: float,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
         self.r = client
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.key = keys.lock(resource, resource_id)
         self.token_key = keys.fencing_token(resource, resource_id)
         self.ttl_ms = max(1, int(ttl_s * 1000))
@@ -77,11 +80,38 @@ class Lease:
 
     def acquired(self, reply: list[object], sent: float | None = None) -> bool:
         token, ok = reply
-        if int(ok):  # type: ignore[call-overload]
-            self.token = str(token)
-            self._valid_until = (sent if sent is not None else self._sent) + self.ttl_ms / 1000.0
+        if not int(ok):  # type: ignore[call-overload]
+            return False
+        self.token = str(token)
+        self._valid_until = (sent if sent is not None else self._sent) + self.ttl_ms / 1000.0
+        if not self._replicated(self.token):
+            self.release()
+            return False
+        return True
+
+    def _replicated(self, token: str) -> bool:
+        """With replicas configured: WAIT until they hold the lock and the token counter, before anything is done
+        under it. Replication is asynchronous; a lock only the dying master knew would vanish in a failover, and
+        the promoted replica could give the same token to a second holder. Not acknowledged: not acquired."""
+        if self.wait_replicas <= 0:
             return True
-        return False
+        # WAIT counts the writes of the connection it is sent on, and a pool may lend another one: renew the lock
+        # (a write, after the acquisition in the master's replication stream) and WAIT on one connection.
+        pipe = self.r.pipeline(transaction=False)
+        self._renew(keys=[self.key], args=[token, self.ttl_ms], client=pipe)
+        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        try:
+            renewed, acked = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("%s: WAIT failed (%s): lock given back", self.key, type(exc).__name__)
+            return False
+        if not int(renewed):
+            return False
+        if int(acked) < self.wait_replicas:
+            log.warning("%s: %d of %d replicas acknowledged the lock in %d ms: lock given back", self.key, acked,
+                        self.wait_replicas, self.wait_timeout_ms)
+            return False
+        return True
 
     def check(self) -> None:
         """Raise LeaseLost unless our token still holds the lock; renew it on the way (one round trip)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from oneha import heartbeat
+from oneha import heartbeat, redisconn
 from oneha.incidents import Incident, IncidentStore
 from oneha.keys import Keys
 from oneha.settings import Settings, load_settings
@@ -53,7 +53,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
-        client = redis.Redis.from_url(settings.redis.url, decode_responses=True, health_check_interval=30)
+        client = redisconn.connect(settings.redis, decode_responses=True, health_check_interval=30)
         keys = Keys(settings.redis.key_prefix)
         store = IncidentStore(client, keys, settings.audit.retention_s, settings.audit.max_incidents)
         hooks = Hooks()
@@ -69,7 +69,9 @@ class Runtime:
             self.send(name, args, queue)
 
     def lease(self, resource: Any, resource_id: int) -> Lease:
-        return Lease(self.redis, self.keys, resource, resource_id, self.settings.worker.lock_ttl_s)
+        r = self.settings.redis
+        return Lease(self.redis, self.keys, resource, resource_id, self.settings.worker.lock_ttl_s,
+                     r.wait_replicas, r.wait_timeout_ms)
 
     def extend(self, incident_id: int, extra_s: float = 0.0, force: bool = False) -> None:
         """Push the incident's watchdog (its due time) a lease ahead: we are working on it.
