@@ -13,6 +13,7 @@ from types import TracebackType
 from lab.cloud import Cloud
 from lab.events import EventPublisher
 from lab.rpc import Faults, LabRpc, RpcServer, Stats
+from lab.timeline import FAST, Profile, Timelines
 
 DEFAULT_SESSION = "oneadmin:opennebula"
 
@@ -23,12 +24,16 @@ class LabCloud:
     Hosts are spread round-robin over `clusters`; `shared[c]` says whether cluster c's system datastore is shared
     (default: even clusters shared, odd local, i.e. cluster 0 shared and cluster 1 local). `vms` VMs are created
     RUNNING, spread over the hosts, with HA_PRIORITY cycling 0..3 so priority ordering can be tested.
+    `profile` (lab.timeline): FAST (default) is the immediate model driven by `monitoring_interval_s` and
+    `step_delay_s`; a timed profile (PRODUCTION, or PRODUCTION.scaled(f)) plays oned's own timelines instead.
     """
 
     def __init__(self, hosts: int = 4, vms: int = 0, clusters: int = 1, shared: Sequence[bool] | None = None,
                  monitoring_interval_s: float = 2.0, step_delay_s: float = 0.2, seed: int = 0,
-                 capacity: int | None = None, session: str = DEFAULT_SESSION, tick_s: float = 0.02) -> None:
+                 capacity: int | None = None, session: str = DEFAULT_SESSION, tick_s: float = 0.02,
+                 profile: Profile = FAST) -> None:
         self.cloud = Cloud(monitoring_interval_s=monitoring_interval_s, step_delay_s=step_delay_s, seed=seed)
+        self.profile = profile
         self.session = session
         self.seed = seed
         self.tick_s = tick_s
@@ -53,6 +58,9 @@ class LabCloud:
         api = LabRpc(self.cloud, self.session, self.faults, self.stats, self.events)
         self.rpc = RpcServer(api, bind, port)
         self.rpc.start()
+        if self.profile.timed:  # issue 12: oned's timelines start with the clock
+            with self.cloud.lock:
+                self.cloud.timing = Timelines(self.cloud, self.profile)
         self._clock.start()
         return self
 
