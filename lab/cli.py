@@ -80,11 +80,20 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
 @click.option("--step-delay", default=0.2, show_default=True, help="Seconds per transitional VM state.")
 @click.option("--bind", default="127.0.0.1", show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--profile", default="fast", show_default=True,
+              help="Timing profile: fast (the two options above), production (oned's own timelines: minutes), "
+                   "or production/N (every duration / N).")
 def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monitoring_interval: float,
-        step_delay: float, bind: str, seed: int) -> None:
+        step_delay: float, bind: str, seed: int, profile: str) -> None:
     """Run the lab cloud in the foreground until SIGINT/SIGTERM."""
+    from lab.timeline import profile_named
+
+    try:
+        timing = profile_named(profile)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--profile") from None
     cloud = LabCloud(hosts=hosts, vms=vms, clusters=clusters, monitoring_interval_s=monitoring_interval,
-                     step_delay_s=step_delay, seed=seed)
+                     step_delay_s=step_delay, seed=seed, profile=timing)
     cloud.start(port=port, events_port=events_port, bind=bind)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
