@@ -66,6 +66,15 @@ def make_lab(profile: Profile) -> LabCloud:
 
 
 def cut_power(lab: LabCloud, run: Run) -> None:
+    """Cut at the same phase of the lab's timers for every contender (1 s after a beacon slot of host 0 and a
+    monitord tick), so that their detection times are the same and the rest of the timelines compare."""
+    timing = lab.cloud.timing
+    assert timing is not None
+    period = 2 * timing.p.manager_timer_s  # = BEACON_HOST on the production profile
+    offset = timing.p.manager_timer_s / 15.0
+    start = timing.started + offset
+    at = start + period * max(0, -(-(lab.cloud.clock() - start) // period))
+    wait_until(lambda: lab.cloud.clock() >= at, period + 5, interval_s=0.01, backoff=1.0, what="the cut's phase")
     with lab.cloud.lock:
         run.vms = [v for h in run.failed for v in sorted(lab.cloud.hosts[h].vm_ids)]
         run.cut = time.time()
