@@ -161,8 +161,9 @@ class Timelines:
         return phase + math.floor((cut - phase) / self.p.beacon_s) * self.p.beacon_s
 
     def _beacon_phase(self, hid: int) -> float:
-        # Agents start at different times: spread their beacons over the period, deterministically.
-        return self.started + (hid * 0.6180339887 % 1.0) * self.p.beacon_s
+        # Agents start at different times: spread their beacons over the period, deterministically, and never on
+        # monitord's own tick (which starts with the lab), where "older than the interval" would be a tie.
+        return self.started + ((hid + 0.5) * 0.6180339887 % 1.0) * self.p.beacon_s
 
     def _next_beacon(self, hid: int, after: float) -> float:
         if self.p.beacon_s <= 0:

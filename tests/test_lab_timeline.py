@@ -61,9 +61,11 @@ def test_silent_host_goes_error_on_the_next_timer_tick_after_the_interval_not_be
     vms = [cloud.create_vm({"HOST": 0, "STATE": "RUNNING"}, emit=False) for _ in range(3)]
     run_until(cloud, clock, T0 + 47.25)
     cloud.host_kill(0)
-    # Host 0 beacons at T0 + 30k: its last beacon was T0 + 30. Silent for 180 s at T0 + 210; monitord ticks at
-    # T0 + 15k, so the first tick that finds it is T0 + 225; start_monitor (4 SSH attempts of 3 s + 3 pauses of
-    # 1 s) fails 15 s later: ERROR at T0 + 240, its RUNNING VMs UNKNOWN in the same step.
+    # Host 0 beacons at T0 + 9.27 + 30k (its phase, 0.309 of the period): its last beacon was T0 + 39.27. Silent
+    # for 180 s at T0 + 219.27; monitord ticks at T0 + 15k, so the first tick that finds it is T0 + 225;
+    # start_monitor (4 SSH attempts of 3 s + 3 pauses of 1 s) fails 15 s later: ERROR at T0 + 240, its RUNNING VMs
+    # UNKNOWN in the same step.
+    assert timing.last_beacon(cloud.hosts[0]) == pytest.approx(T0 + 39.27, abs=0.01)
     run_until(cloud, clock, T0 + 224.75)
     assert cloud.hosts[0].state == HostState.MONITORED
     assert all(cloud.vms[v].lcm.name == "RUNNING" for v in vms)
