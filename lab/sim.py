@@ -9,11 +9,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from lab.cloud import Cloud
 from lab.events import EventPublisher
 from lab.rpc import Faults, LabRpc, RpcServer, Stats
 from lab.timeline import FAST, Profile, Timelines
+
+if TYPE_CHECKING:
+    from lab.hostside import HostSide, HostSideOptions
 
 DEFAULT_SESSION = "oneadmin:opennebula"
 
@@ -26,14 +30,18 @@ class LabCloud:
     RUNNING, spread over the hosts, with HA_PRIORITY cycling 0..3 so priority ordering can be tested.
     `profile` (lab.timeline): FAST (default) is the immediate model driven by `monitoring_interval_s` and
     `step_delay_s`; a timed profile (PRODUCTION, or PRODUCTION.scaled(f)) plays oned's own timelines instead.
+    `host_side` (lab.hostside.HostSideOptions): give every host its loopback address with sshd/libvirtd listeners, a
+    Redfish BMC and a heartbeat file (`self.host_side`; one per process).
     """
 
     def __init__(self, hosts: int = 4, vms: int = 0, clusters: int = 1, shared: Sequence[bool] | None = None,
                  monitoring_interval_s: float = 2.0, step_delay_s: float = 0.2, seed: int = 0,
                  capacity: int | None = None, session: str = DEFAULT_SESSION, tick_s: float = 0.02,
-                 profile: Profile = FAST) -> None:
+                 profile: Profile = FAST, host_side: HostSideOptions | None = None) -> None:
         self.cloud = Cloud(monitoring_interval_s=monitoring_interval_s, step_delay_s=step_delay_s, seed=seed)
         self.profile = profile
+        self.host_side_options = host_side
+        self.host_side: HostSide | None = None  # lab.hostside: per-host addresses, listeners, BMCs, heartbeats
         self.session = session
         self.seed = seed
         self.tick_s = tick_s
@@ -62,6 +70,10 @@ class LabCloud:
             with self.cloud.lock:
                 self.cloud.timing = Timelines(self.cloud, self.profile)
         self._clock.start()
+        if self.host_side_options is not None:
+            from lab.hostside import HostSide  # sushy-tools is a lab extra: imported only when asked for
+
+            self.host_side = HostSide(self.cloud, self.host_side_options).start()
         return self
 
     @property
@@ -80,6 +92,9 @@ class LabCloud:
             self.cloud.tick()
 
     def stop(self) -> None:
+        if self.host_side is not None:
+            self.host_side.stop()
+            self.host_side = None
         self._stop.set()
         if self._clock.is_alive():
             self._clock.join(timeout=5)

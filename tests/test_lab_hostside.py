@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from lab.cloud import Cloud
+from lab.sim import LabCloud
 from oneha.waiting import wait_until
 
 hostside = pytest.importorskip("lab.hostside", reason="needs sushy-tools (the lab extra)")
@@ -44,15 +45,10 @@ pytestmark = pytest.mark.skipif(not (_can_bind(22) and _can_bind(443) and shutil
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[tuple[Cloud, HostSide]]:
-    cloud = Cloud()
-    cloud.add_cluster(0, shared=True)
-    for h in range(9):
-        cloud.add_host(0)
-        for _ in range(2):
-            cloud.create_vm({"HOST": h, "STATE": "RUNNING"}, emit=False)
-    side = HostSide(cloud, HostSideOptions(bmc_delay_s=(0.5, 1.0), heartbeat_s=HEARTBEAT_S, flap_period_s=0.6))
-    with side:
-        yield cloud, side
+    options = HostSideOptions(bmc_delay_s=(0.5, 1.0), heartbeat_s=HEARTBEAT_S, flap_period_s=0.6)
+    with LabCloud(hosts=9, vms=18, host_side=options) as lab:
+        assert lab.host_side is not None
+        yield lab.cloud, lab.host_side
 
 
 def tcp(hid: int, port: int) -> str:
