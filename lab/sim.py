@@ -63,7 +63,7 @@ class LabCloud:
     def start(self, port: int = 0, events_port: int = 0, bind: str = "127.0.0.1") -> LabCloud:
         self.events = EventPublisher(bind, events_port, seed=self.seed)
         self.cloud.sink = self.events.publish
-        api = LabRpc(self.cloud, self.session, self.faults, self.stats, self.events)
+        api = self.api = LabRpc(self.cloud, self.session, self.faults, self.stats, self.events)
         self.rpc = RpcServer(api, bind, port)
         self.rpc.start()
         if self.profile.timed:  # issue 12: oned's timelines start with the clock
@@ -73,7 +73,7 @@ class LabCloud:
         if self.host_side_options is not None:
             from lab.hostside import HostSide  # sushy-tools is a lab extra: imported only when asked for
 
-            self.host_side = HostSide(self.cloud, self.host_side_options).start()
+            self.host_side = api.host_side = HostSide(self.cloud, self.host_side_options).start()
         return self
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from lab.cli import LabCallError, lab_call
 from lab.cloud import Cloud
 from lab.sim import LabCloud
 from oneha.waiting import wait_until
@@ -27,7 +28,7 @@ HEARTBEAT_S = 0.2
 MODES = {  # mode -> host id
     "psu": 0, "power_loss": 1, "kernel_hang": 2, "mgmt_partition": 3, "storage_partition": 4, "flapping": 5,
 }
-PARTITION_NO_BMC, FENCE_ME, FENCE_DEAD_BMC = 6, 7, 8
+PARTITION_NO_BMC, FENCE_ME, FENCE_DEAD_BMC, BY_RPC = 6, 7, 8, 9
 
 
 def _can_bind(port: int) -> bool:
@@ -44,11 +45,16 @@ pytestmark = pytest.mark.skipif(not (_can_bind(22) and _can_bind(443) and shutil
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[tuple[Cloud, HostSide]]:
+def lab_cloud() -> Iterator[LabCloud]:
     options = HostSideOptions(bmc_delay_s=(0.5, 1.0), heartbeat_s=HEARTBEAT_S, flap_period_s=0.6)
-    with LabCloud(hosts=9, vms=18, host_side=options) as lab:
-        assert lab.host_side is not None
-        yield lab.cloud, lab.host_side
+    with LabCloud(hosts=10, vms=20, host_side=options) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def lab(lab_cloud: LabCloud) -> tuple[Cloud, HostSide]:
+    assert lab_cloud.host_side is not None
+    return lab_cloud.cloud, lab_cloud.host_side
 
 
 def tcp(hid: int, port: int) -> str:
@@ -196,3 +202,23 @@ def test_fence_redfish_fails_closed_when_the_bmc_is_dead_too(lab: tuple[Cloud, H
     wait_until(lambda: bmc(side, FENCE_DEAD_BMC) == "down", 5, what="BMC down")
     proc = fence(cloud, side, FENCE_DEAD_BMC)
     assert proc.returncode != 0
+
+
+def test_failure_modes_over_the_lab_rpc(lab_cloud: LabCloud) -> None:
+    cloud, side = lab_cloud.cloud, lab_cloud.host_side
+    assert side is not None
+    assert lab_call(lab_cloud.rpc_url, "lab.host.fail", BY_RPC, "mgmt_partition", False) == BY_RPC
+    wait_until(lambda: tcp(BY_RPC, 22) == "refused", 5, what="partitioned")
+    assert signals(cloud, side, BY_RPC) == {**EXPECTED["mgmt_partition"], "bmc": "down"}
+    assert lab_call(lab_cloud.rpc_url, "lab.host.restore", BY_RPC) == BY_RPC
+    wait_until(lambda: tcp(BY_RPC, 22) == "answers", 5, what="restored")
+    assert signals(cloud, side, BY_RPC) == HEALTHY
+    with pytest.raises(LabCallError, match="unknown failure mode"):
+        lab_call(lab_cloud.rpc_url, "lab.host.fail", BY_RPC, "meteor")
+    with pytest.raises(LabCallError, match="host"):
+        lab_call(lab_cloud.rpc_url, "lab.host.fail", 99, "psu")
+
+
+def test_lab_host_fail_needs_a_host_side() -> None:
+    with LabCloud(hosts=1) as lab, pytest.raises(LabCallError, match="without a host side"):
+        lab_call(lab.rpc_url, "lab.host.fail", 0, "psu")
