@@ -168,6 +168,19 @@ def test_plan_stops_at_the_first_action_whose_host_is_busy() -> None:
     assert len(deploy_starts(timing)) == 1 and vms[0] in cloud.hosts[1].vm_ids
 
 
+def test_an_action_past_action_timeout_no_longer_holds_its_host() -> None:
+    cloud, clock, timing = make(2, Profile("slow prolog", prolog_shared_s=100.0, action_timeout_s=20.0))
+    vms = [cloud.create_vm({"STATE": "PENDING"}, emit=False) for _ in range(4)]
+    cloud.tick()
+    run_until(cloud, clock, T0 + 50)
+    starts = sorted((t - T0, v) for t, v in deploy_starts(timing))
+    # two deploys at T0 + 11 (one per host); at T0 + 15 and T0 + 30 their hosts are busy; at T0 + 45 they are older
+    # than ACTION_TIMEOUT (20 s): TIMEOUT frees the slots and the next two start while the first two still copy.
+    assert [t for t, _ in starts] == [11, 11, 45, 45]
+    assert {cloud.vms[v].lcm.name for v in vms} == {"PROLOG"}
+    assert [a.state for a in timing.sched.plan or []] == ["TIMEOUT", "TIMEOUT", "APPLYING", "APPLYING"]
+
+
 def test_a_vm_that_cannot_be_placed_waits_for_the_retry() -> None:
     cloud, clock, timing = make(1, capacity=1)
     cloud.create_vm({"HOST": 0, "STATE": "RUNNING"}, emit=False)
