@@ -26,13 +26,24 @@ def _call(url: str, method: str, *args: Any) -> Any:
 
 
 def host_error(url: str, session: str, host_id: int, action: str = "recreate",
-               fence_argv: list[str] | None = None) -> int:
-    """One run of the hook for one host; returns the number of actions issued."""
+               fence_argv: list[str] | None = None, wait_s: float = 0.0, marks: dict[str, float] | None = None) -> int:
+    """One run of the hook for one host; returns the number of actions issued.
+
+    `wait_s`: host_error.rb's `-p N` blocking sleep (N x 60 s since 5.12), after which it re-reads the host and
+    gives up unless it is still ERROR. `marks` gets the wall times "fenced" and "issued" (the bench's timeline).
+    """
     host_reply = _call(url, "one.host.info", session, host_id, False)
+    if wait_s > 0:
+        time.sleep(wait_s)  # what the hook does: the whole hook run blocks
+        host_reply = _call(url, "one.host.info", session, host_id, False)
+        if ET.fromstring(str(host_reply[1])).findtext("STATE") != "3":
+            return 0  # "Host came back" (or DISABLED/OFFLINE)
     if fence_argv:
         proc = subprocess.run(fence_argv, input=base64.b64encode(str(host_reply[1]).encode()), check=False)
         if proc.returncode != 0:
             return 0  # fencing failed: no VM is touched
+    if marks is not None:
+        marks["fenced"] = time.time()
     pool = ET.fromstring(_call(url, "one.vmpool.info", session, -2, -1, -1, -1, "")[1])
     method, arg = ACTIONS[action]
     issued = 0
@@ -47,6 +58,8 @@ def host_error(url: str, session: str, host_id: int, action: str = "recreate",
         else:
             _call(url, method, session, vid, arg)
         issued += 1
+    if marks is not None:
+        marks["issued"] = time.time()
     return issued
 
 

@@ -82,11 +82,30 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
 @click.option("--seed", default=0, show_default=True)
 @click.option("--missing-state", type=click.Choice(["POWEROFF", "UNKNOWN"]), default="POWEROFF", show_default=True,
               help="What oned makes of a VM whose domain vanished (the VM probe's MISSING_STATE).")
+@click.option("--profile", default="fast", show_default=True,
+              help="Timing profile: fast (the two options above), production (oned's own timelines: minutes), "
+                   "or production/N (every duration / N).")
+@click.option("--host-side", is_flag=True,
+              help="Give every host its 127.50.x.y address with sshd/libvirtd listeners, a Redfish BMC (sushy-tools) "
+                   "and a heartbeat file (needs root for ports 22 and 443).")
 def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monitoring_interval: float,
-        step_delay: float, bind: str, seed: int, missing_state: str) -> None:
+        step_delay: float, bind: str, seed: int, profile: str, host_side: bool,
+        missing_state: str) -> None:
     """Run the lab cloud in the foreground until SIGINT/SIGTERM."""
+    from lab.timeline import profile_named
+
+    try:
+        timing = profile_named(profile)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--profile") from None
+    side = None
+    if host_side:
+        from lab.hostside import HostSideOptions
+
+        side = HostSideOptions(seed=seed)
     cloud = LabCloud(hosts=hosts, vms=vms, clusters=clusters, monitoring_interval_s=monitoring_interval,
-                     step_delay_s=step_delay, seed=seed, missing_state=missing_state)
+                     step_delay_s=step_delay, seed=seed, profile=timing, host_side=side,
+                     missing_state=missing_state)
     cloud.start(port=port, events_port=events_port, bind=bind)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,6 +117,9 @@ def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monito
     click.echo(f"  export ONE_AUTH_SESSION={cloud.session}   # pyone.OneServer(ONE_XMLRPC, session=...)")
     click.echo(f"  export ONEHA_LAB_URL={cloud.rpc_url}      # for `oneha lab ctl`")
     click.echo(f"  events: ZeroMQ PUB at {cloud.events_url}")
+    if cloud.host_side is not None:
+        click.echo(f"  host side: host N at 127.50.0.N+1 (sshd 22, libvirtd 16509, Redfish BMC https 443); "
+                   f"fence credentials in {cloud.host_side.cred_dir}, heartbeats in {cloud.host_side.heartbeat_dir}")
     click.echo("Stop with Ctrl-C.", nl=True)
     sys.stdout.flush()
     done.wait()

@@ -27,9 +27,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oneha.opennebula import ErrorCode, HostState, LcmState, RecoverOp, VmState
+
+if TYPE_CHECKING:
+    from lab.timeline import Timelines
 
 
 def L(name: str) -> LcmState:
@@ -203,6 +206,7 @@ class Cloud:
         self.busy: set[int] = set()  # VMs with a non-empty plan (so tick() does not scan 20,000 VMs)
         self.pending: set[int] = set()  # PENDING VMs and resched'ed VMs, for the scheduler
         self.timeline: list[tuple[float, str, int, str]] = []
+        self.timing: Timelines | None = None  # issue 12: oned's own timelines (lab/timeline.py); None = immediate
         self.sink: EventSink | None = None
         self.next_vm_id = 0
         self.pool_dirty = True
@@ -374,7 +378,7 @@ class Cloud:
             first = plan.pop(0)
             self._set(vm, first.state, first.lcm)
         vm.plan = plan
-        vm.next_at = self.clock() + self.step_delay_s
+        vm.next_at = self.clock() + self._step_s(vm, self.clock())
         if plan:
             self.busy.add(vm.id)
         else:
@@ -406,15 +410,22 @@ class Cloud:
     def tick(self) -> None:
         with self.lock:
             now = self.clock()
-            self._monitor(now)
+            if self.timing is None:
+                self._monitor(now)
             if self.vanished:
                 self._probe_vms(now)
             for vid in sorted(self.busy):
                 vm = self.vms[vid]
                 if vm.plan and now >= vm.next_at:
                     self._advance(vm, now)
-            if self.pending:
+            if self.timing is not None:  # issue 12: monitord, scheduler and plan manager on their own timers
+                self.timing.tick(now)
+            elif self.pending:
                 self._schedule()
+
+    def _step_s(self, vm: Vm, now: float) -> float:
+        """How long the state the VM has just entered lasts (issue 12: per driver operation when timed)."""
+        return self.step_delay_s if self.timing is None else self.timing.step_s(vm, now)
 
     def _advance(self, vm: Vm, now: float) -> None:
         step = vm.plan.pop(0)
@@ -429,7 +440,7 @@ class Cloud:
             return
         self._on_enter(vm, step)
         self._set(vm, step.state, step.lcm)
-        vm.next_at = now + self.step_delay_s
+        vm.next_at = now + self._step_s(vm, now)
         if not vm.plan:
             self.busy.discard(vm.id)
 

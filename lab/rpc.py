@@ -52,6 +52,8 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "lab.host.partition": ((int,), ()),
     "lab.host.revive": ((int,), ()),
     "lab.host.fence": ((int,), ()),
+    "lab.host.fail": ((int, str), (bool,)),  # issue 12: a failure mode of lab/hostside.py (needs the host side)
+    "lab.host.restore": ((int,), ()),
     "lab.vm.crash": ((int,), (str,)),
     "lab.vm.fail": ((int,), (str, bool)),
     "lab.vm.create": ((dict,), ()),
@@ -158,6 +160,7 @@ class LabRpc:
         self.stats = stats
         self.events = events
         self.hooks: list[dict[str, str]] = []  # registered with lab.hook.create, read with one.hookpool.info
+        self.host_side: Any = None  # lab.hostside.HostSide, set by LabCloud when it runs one
         self.handlers: dict[str, Callable[..., Any]] = {
             "one.hostpool.info": self.hostpool_info, "one.host.info": self.host_info,
             "one.host.status": _ack(lambda hid, status: cloud.host_status(hid, status), "hid"),
@@ -174,6 +177,8 @@ class LabRpc:
             "lab.host.revive": _ack(lambda hid: cloud.host_revive(hid), "hid"),
             "lab.host.fence": _ack(lambda hid: cloud.host_fence(hid), "hid"),
             "lab.vm.crash": _ack(lambda vid, reason="missing": cloud.vm_crash(vid, reason), "vid"),
+            "lab.host.fail": _ack(lambda hid, mode, bmc=True: self.host_fail(hid, mode, bmc), "hid"),
+            "lab.host.restore": _ack(lambda hid: self.host_fail(hid, "restore", True), "hid"),
             "lab.vm.fail": _ack(lambda vid, name="BOOT_FAILURE", sticky=False: cloud.vm_fail(vid, name, sticky), "vid"),
             "one.user.info": self.user_info, "one.hookpool.info": self.hookpool_info,
             "lab.hook.create": self.hook_create,
@@ -297,6 +302,18 @@ class LabRpc:
             self.hooks.append({**attrs, "ID": str(hid)})
         return hid
 
+    def host_fail(self, hid: int, mode: str, bmc_reachable: bool) -> None:
+        """lab.host.fail / lab.host.restore: a failure mode played on every signal of the host side."""
+        if self.host_side is None:
+            raise LabError(ErrorCode.XML_RPC_API, "this lab runs without a host side (oneha lab sim --host-side)")
+        self.cloud.get_host(hid)
+        if mode == "restore":
+            self.host_side.restore(hid)
+            return
+        try:
+            self.host_side.fail(hid, mode, bmc_reachable)
+        except ValueError as exc:
+            raise LabError(ErrorCode.XML_RPC_API, str(exc), hid) from None
 
     def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
         knobs = dict(knobs or {})
