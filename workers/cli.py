@@ -10,7 +10,6 @@ its own deadline and every oned call its own timeout. `--pool prefork` works too
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from oneha.keys import HOST_QUEUE, VM_QUEUE
 @click.option("--queues", default=f"{HOST_QUEUE},{VM_QUEUE}", show_default=True, help="Queues to consume.")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--hostname", default=None, help="Celery node name (default oneha@<host>-<pid>).")
+@click.option("--hostname", default=None, help="Celery node name (default oneha@<host>-<pid>-<random tag>).")
 def worker(config_file: Path | None, concurrency: int | None, queues: str, pool: str, loglevel: str,
            hostname: str | None) -> None:
     """Start a recovery worker (Celery) on the configured broker."""
@@ -37,9 +36,10 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
     settings = settings_or_exit(None, need_oned=True)
     if concurrency is None:
         concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
+    from oneha.heartbeat import instance_name
     from workers.app import app
 
-    name = hostname or f"oneha@{socket.gethostname()}-{os.getpid()}"
+    name = hostname or f"oneha@{instance_name()}"
     argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
             f"--loglevel={loglevel}", f"--hostname={name}", "--without-mingle", "--without-gossip"]
     # Threads here mostly wait on sockets (Redis, oned, the broker). With CPU-bound neighbours in the process (XML
