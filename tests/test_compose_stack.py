@@ -232,8 +232,11 @@ def run_stack(stack: Stack, ports: dict[str, int], figures: dict[str, Any]) -> N
     figures["time_to_healthy_s"] = round(time.monotonic() - t0, 1)
     # all three replicas beat (distinct names although they share the host's name and their pid), and both the
     # subscriber and the reconciler
-    alive = wait_until(lambda: (a := stack.alive()) == (2, WORKERS) and a, 60, 1.0, what="heartbeats")
-    figures["alive_subscribers_workers"] = list(alive)
+    def alive() -> bool:
+        figures["alive_subscribers_workers"] = list(stack.alive())  # the last count seen, also when this fails
+        return figures["alive_subscribers_workers"] == [2, WORKERS]
+
+    wait_until(alive, 60, 1.0, what=f"heartbeats of 2 subscribers and {WORKERS} workers")
 
     flower = f"http://127.0.0.1:{ports['FLOWER_PORT']}"
     assert http_status(f"{flower}/api/workers")[0] == 401
