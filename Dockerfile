@@ -1,10 +1,18 @@
 # oneha: one image for the subscriber, reconciler, workers, Flower and the lab cloud (docker-compose.yml).
-# Installs the package from this source tree with pip, as ./run does (minus the editable install).
-FROM python:3.11-slim
+# Installs the package from this source tree with pip, as ./run does (minus the editable install), into a venv so
+# that the same steps work on the python image and on a plain Debian with python3-venv (docs/compose.md builds its
+# base with debootstrap where no image registry is reachable: --build-arg BASE_IMAGE=oneha-base:local).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+# Extra pip options, e.g. "--no-index --find-links=/src/wheels" for a wheelhouse built with `pip wheel` and put
+# in the build context as wheels/ (builds without PyPI; docs/compose.md).
+ARG PIP_INSTALL_OPTIONS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/oneha/venv/bin:$PATH
 
 # ipmitool and curl for the fence scripts (deploy/fence); nothing else from the distribution.
 RUN apt-get update \
@@ -13,7 +21,8 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY . /src
-RUN pip install --no-cache-dir . \
+RUN python3 -m venv /opt/oneha/venv \
+    && /opt/oneha/venv/bin/pip install --no-cache-dir $PIP_INSTALL_OPTIONS . \
     && install -d -m 0755 /opt/oneha/bin /opt/oneha/fence /etc/oneha \
     && install -m 0755 deploy/bin/oneha-bridge /opt/oneha/bin/oneha-bridge \
     && install -m 0755 deploy/fence/fence_ipmi.sh deploy/fence/fence_redfish.sh /opt/oneha/fence/ \
@@ -21,8 +30,8 @@ RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --user-group --home-dir /home/oneha --create-home oneha \
     && rm -rf /src
 
-# The bridge wrapper execs this path (deploy/bin/oneha-bridge); in the image oneha lives in the system Python.
-ENV ONEHA_BIN=/usr/local/bin/oneha
+# The bridge wrapper execs this path (deploy/bin/oneha-bridge); in the image oneha lives in the venv.
+ENV ONEHA_BIN=/opt/oneha/venv/bin/oneha
 USER oneha
 WORKDIR /home/oneha
 # 9641 subscriber metrics, 9642 worker metrics, 5555 Flower, 2633/2101 the lab cloud

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import threading
 import time
@@ -15,8 +16,19 @@ from oneha.keys import Keys
 INTERVAL_S = 5.0
 
 
+# Host name and pid alone do not tell processes apart: containers with host networking share the host's name, and
+# each runs its service as the same pid of its own pid namespace (scaled compose workers). A random tag per process
+# does (forked children differ by pid).
+_TAG = secrets.token_hex(3)
+
+
+def instance_name() -> str:
+    """`host-pid-tag`, unique per process: names the heartbeat and the worker's default Celery node."""
+    return f"{socket.gethostname()}-{os.getpid()}-{_TAG}"
+
+
 def component_name(kind: str) -> str:
-    return f"{kind}:{socket.gethostname()}:{os.getpid()}"
+    return f"{kind}:{instance_name()}"
 
 
 def beat(client: redis.Redis, keys: Keys, name: str) -> None:

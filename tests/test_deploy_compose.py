@@ -1,8 +1,13 @@
-"""docker-compose.yml, Dockerfile, .dockerignore and .env.example, parsed (no Docker engine here)."""
+"""docker-compose.yml (+ its override and deploy/compose/host-network.yml), Dockerfile, .dockerignore and .env.example,
+parsed. The stack on a real Docker engine: tests/test_compose_stack.py (opt-in)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,9 @@ from oneha.cli import SUBCOMMANDS
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+PUBLISHED = yaml.safe_load((ROOT / "docker-compose.override.yml").read_text())["services"]
+HOST_NET = yaml.safe_load((ROOT / "deploy/compose/host-network.yml").read_text())["services"]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.override.yml", "deploy/compose/host-network.yml"]
 ONEHA_SERVICES = ["subscriber", "reconciler", "worker", "flower"]
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
@@ -55,7 +63,7 @@ def test_flower_shares_the_app_and_requires_auth():
     m = VAR.fullmatch(auth)
     assert m and m.group(1) == "FLOWER_BASIC_AUTH" and m.group(2) == ":?", "Flower auth must be required"
     assert not any("FLOWER_UNAUTHENTICATED_API" in str(v) for v in flower["environment"])
-    assert any(p.endswith(":5555") for p in flower["ports"])
+    assert any(p.endswith(":5555") for p in PUBLISHED["flower"]["ports"])
     # the same broker settings as the workers
     assert flower["environment"]["ONEHA_REDIS__URL"] == SERVICES["worker"]["environment"]["ONEHA_REDIS__URL"]
 
@@ -100,11 +108,11 @@ def test_healthcheck_and_restart(name):
 
 
 def test_published_ports_match_what_the_services_listen_on():
-    assert "127.0.0.1:9641:9641" in SERVICES["subscriber"]["ports"]
+    assert "127.0.0.1:9641:9641" in PUBLISHED["subscriber"]["ports"]
     env = SERVICES["subscriber"]["environment"]
     assert env["ONEHA_SUBSCRIBER__METRICS_BIND"] == "0.0.0.0"
     lab = SERVICES["lab"]["command"]
-    assert any(p.endswith(":" + lab[lab.index("--port") + 1]) for p in SERVICES["lab"]["ports"])
+    assert any(p.endswith(":" + lab[lab.index("--port") + 1]) for p in PUBLISHED["lab"]["ports"])
     # the default endpoints point at the lab's ports
     documented = documented_env()
     assert documented["ONE_XMLRPC"] == f"http://lab:{lab[lab.index('--port') + 1]}/RPC2"
@@ -124,7 +132,7 @@ def test_credentials_come_from_a_mounted_file():
 
 
 def test_every_variable_is_documented_in_env_example():
-    text = (ROOT / "docker-compose.yml").read_text()
+    text = "\n".join((ROOT / name).read_text() for name in COMPOSE_FILES)
     used = {m.group(1) for m in VAR.finditer(text)}
     documented = documented_env()
     assert used <= set(documented), f"undocumented: {sorted(used - set(documented))}"
@@ -151,8 +159,11 @@ def test_dockerfile_installs_the_package_like_the_readme():
     dockerfile = (ROOT / "Dockerfile").read_text()
     lines = [line.strip() for line in dockerfile.splitlines()]
     assert lines[0].startswith("#") or lines[0].startswith("FROM")
-    assert "FROM python:3.11-slim" in lines
-    assert re.search(r"pip install --no-cache-dir \.(\s|$)", dockerfile)
+    # the usual base by default; another (a debootstrap import where no registry is reachable) as a build argument
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines and "FROM ${BASE_IMAGE}" in lines
+    assert lines.index("ARG BASE_IMAGE=python:3.11-slim") < lines.index("FROM ${BASE_IMAGE}")
+    assert re.search(r"pip install --no-cache-dir \$PIP_INSTALL_OPTIONS \.(\s|$)", dockerfile)
+    assert 'ARG PIP_INSTALL_OPTIONS=""' in lines
     assert "COPY . /src" in dockerfile
     # the README's way: ./run installs the source tree with pip (editable + extras for development)
     run = (ROOT / "run").read_text()
@@ -162,7 +173,8 @@ def test_dockerfile_installs_the_package_like_the_readme():
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     # the bridge wrapper finds oneha in the image
-    assert "ENV ONEHA_BIN=/usr/local/bin/oneha" in dockerfile
+    assert "ENV ONEHA_BIN=/opt/oneha/venv/bin/oneha" in dockerfile
+    assert "PATH=/opt/oneha/venv/bin:$PATH" in dockerfile  # `python` of the healthchecks is the venv's
 
 
 def test_dockerignore_keeps_secrets_and_junk_out_but_not_the_package():
@@ -172,3 +184,95 @@ def test_dockerignore_keeps_secrets_and_junk_out_but_not_the_package():
         assert entry in ignored
     for needed in ("oneha", "subscriber", "workers", "lab", "pyproject.toml", "README.md", "deploy"):
         assert needed not in ignored
+
+
+def test_published_ports_are_apart_from_the_services():
+    """docker-compose 1.29 refuses published ports with host networking, and no override can remove them."""
+    for name, svc in SERVICES.items():
+        assert "ports" not in svc, name
+    assert set(PUBLISHED) <= set(SERVICES)
+    assert all(set(svc) == {"ports"} for svc in PUBLISHED.values())
+
+
+def test_host_network_variant_binds_loopback_only_on_ports_of_its_own():
+    assert set(HOST_NET) == set(SERVICES)
+    text = (ROOT / "deploy/compose/host-network.yml").read_text()
+    assert "0.0.0.0" not in text
+    for name, svc in HOST_NET.items():
+        assert svc["network_mode"] == "host", name
+        assert "ports" not in svc
+    assert HOST_NET["redis"]["command"][:3] == ["redis-server", "--bind", "127.0.0.1"]
+    redis = HOST_NET["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes"  # the same persistence as docker-compose.yml
+    lab = HOST_NET["lab"]["command"]
+    assert lab[:3] == ["oneha", "lab", "sim"] and lab[lab.index("--bind") + 1] == "127.0.0.1"
+    assert "--address=127.0.0.1" in HOST_NET["flower"]["command"]
+    assert HOST_NET["flower"]["command"][:4] == SERVICES["flower"]["command"][:4]
+    for name in ("subscriber", "reconciler"):
+        assert HOST_NET[name]["environment"]["ONEHA_SUBSCRIBER__METRICS_BIND"] == "127.0.0.1"
+    # subscriber and reconciler each on their own port, and each healthcheck asks that port
+    ports = {}
+    for name in ("subscriber", "reconciler"):
+        env = HOST_NET[name]["environment"]["ONEHA_SUBSCRIBER__METRICS_PORT"]
+        assert env in HOST_NET[name]["healthcheck"]["test"][-1]
+        ports[name] = VAR.fullmatch(env).group(1)
+    assert ports["subscriber"] != ports["reconciler"]
+    # replicas of one service cannot get a port each from compose: a free one each, found by the healthcheck
+    worker = HOST_NET["worker"]
+    assert worker["environment"] == {"ONEHA_WORKER__METRICS_BIND": "127.0.0.1", "ONEHA_WORKER__METRICS_PORT": "0"}
+    assert "/proc/net/tcp" in worker["healthcheck"]["test"][-1]
+    documented = documented_env()
+    assert len({documented[p] for p in ("REDIS_PORT", "LAB_PORT", "LAB_EVENTS_PORT", "SUBSCRIBER_METRICS_PORT",
+                                        "RECONCILER_METRICS_PORT", "FLOWER_PORT")}) == 6
+
+
+def _healthcheck_in_own_pid_namespace(serve_metrics: bool) -> subprocess.CompletedProcess[str]:
+    """The worker healthcheck of host-network.yml, in a pid namespace of its own (as in a container) beside a
+    process that serves Prometheus metrics on a free port, or serves nothing."""
+    script = HOST_NET["worker"]["healthcheck"]["test"][-1]
+    parent = ("import subprocess, sys\n"
+              "from prometheus_client import start_http_server\n"
+              f"if {serve_metrics}: start_http_server(0, addr='127.0.0.1')\n"
+              "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)\n")
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and unshare for a pid namespace")
+    return subprocess.run([unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-c", parent, script],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_worker_healthcheck_of_the_host_network_variant_finds_the_free_metrics_port():
+    assert _healthcheck_in_own_pid_namespace(serve_metrics=True).returncode == 0
+    refused = _healthcheck_in_own_pid_namespace(serve_metrics=False)
+    assert refused.returncode != 0 and "no listening socket" in refused.stderr
+
+
+def _names_in_a_fresh_process(pid: int) -> tuple[str, str]:
+    """The heartbeat name and the worker's default node name of a new process whose pid is `pid`, as two containers
+    with host networking see it: the host's name, and the same pid in their own pid namespaces."""
+    code = (f"import os, sys; os.getpid = lambda: {pid}\n"
+            "from click.testing import CliRunner\n"
+            "from oneha import heartbeat\n"
+            "import workers.cli as w\n"
+            "seen = []\n"
+            "w.sys.setswitchinterval = lambda s: None\n"
+            "class App:\n"
+            "    def worker_main(self, argv): seen.extend(a for a in argv if a.startswith('--hostname='))\n"
+            "import workers.app; workers.app.app = App()\n"
+            "CliRunner().invoke(w.worker, [], catch_exceptions=False)\n"
+            "print(heartbeat.component_name('subscriber')); print(seen[0])\n")
+    env = {**os.environ, "ONE_XMLRPC": "http://127.0.0.1:2633/RPC2", "ONEHA_ONED__SESSION": "u:p",
+           "ONEHA_POLICY__DEFAULT__FENCING": "none"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    component, node = out.stdout.split()
+    return component, node
+
+
+def test_replicas_sharing_the_host_name_and_pid_get_distinct_names():
+    """Scaled workers with host networking (deploy/compose/host-network.yml) share the host's name, and each runs
+    as the same pid of its own pid namespace: their heartbeats and Celery node names must still differ, or
+    `oneha incidents list` counts one worker for three."""
+    first, second = _names_in_a_fresh_process(7), _names_in_a_fresh_process(7)
+    assert first[0].startswith("subscriber:") and first[1].startswith("--hostname=oneha@")
+    assert first[0] != second[0]
+    assert first[1] != second[1]

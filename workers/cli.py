@@ -16,7 +16,6 @@ for a clean stop; the systemd unit restarts it (`Restart=always`, `RestartPreven
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ EXIT_UNASKED = 3  # the worker ended without being asked to stop
 @click.option("--queues", default=f"{HOST_QUEUE},{VM_QUEUE}", show_default=True, help="Queues to consume.")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--hostname", default=None, help="Celery node name (default oneha@<host>-<pid>).")
+@click.option("--hostname", default=None, help="Celery node name (default oneha@<host>-<pid>-<random tag>).")
 @click.option("--instance", default=None, envvar="ONEHA_WORKER_INSTANCE", help=(
     "Instance of the systemd unit (oneha-worker@N): a number N serves metrics on worker.metrics_port + N - 1, "
     "so several workers on one machine each have their own port (unless ONEHA_WORKER__METRICS_PORT is set)."))
@@ -52,9 +51,10 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
         os.environ["ONEHA_WORKER__METRICS_PORT"] = str(port)  # read again by the worker's own settings
     if concurrency is None:
         concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
+    from oneha.heartbeat import instance_name
     from workers.app import app
 
-    name = hostname or f"oneha@{socket.gethostname()}-{os.getpid()}"
+    name = hostname or f"oneha@{instance_name()}"
     argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
             f"--loglevel={loglevel}", f"--hostname={name}", "--without-mingle", "--without-gossip"]
     # Threads here mostly wait on sockets (Redis, oned, the broker). With CPU-bound neighbours in the process (XML
