@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from lab.sim import DEFAULT_SESSION, LabCloud
+from oneha.lab.sim import DEFAULT_SESSION, LabCloud
 
 DEFAULT_URL = "http://127.0.0.1:2633/RPC2"
 
@@ -63,8 +63,8 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
     Flower, a scripted scenario of failures, and a summary. Subcommands run or poke the lab cloud alone."""
     if ctx.invoked_subcommand is not None:
         return
-    from lab.demo import main
-    from lab.stack import StackOptions
+    from oneha.lab.demo import main
+    from oneha.lab.stack import StackOptions
 
     main(StackOptions(hosts=hosts, vms=vms, workers=max(2, workers), port=port, events_port=events_port,
                       flower_port=flower_port, redis_url=redis_url, dry_run=dry_run), keep, headless)

@@ -10,9 +10,9 @@ import threading
 from collections.abc import Sequence
 from types import TracebackType
 
-from lab.cloud import Cloud
-from lab.events import EventPublisher
-from lab.rpc import Faults, LabRpc, RpcServer, Stats
+from oneha.lab.cloud import Cloud
+from oneha.lab.events import EventPublisher
+from oneha.lab.rpc import Faults, LabRpc, RpcServer, Stats
 
 DEFAULT_SESSION = "oneadmin:opennebula"
 

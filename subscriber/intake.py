@@ -24,8 +24,8 @@ from oneha.opennebula import (
     VmState,
 )
 from oneha.settings import Policy
-from subscriber import metrics
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.intake")
 

@@ -20,8 +20,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from oneha.opennebula import HOST_PREFIXES, VM_PREFIXES, Event, EventError, decode_event
-from subscriber import metrics
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.zmq")
 

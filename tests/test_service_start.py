@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from lab.sim import LabCloud
 from oneha.keys import Keys
+from oneha.lab.sim import LabCloud
 from oneha.waiting import wait_until
 from tests.labkit import FAST, running_lab
 from tests.workerkit import write_config

@@ -18,9 +18,9 @@ from celery import Celery
 from oneha.celeryconf import celery_config
 from oneha.keys import HOST_QUEUE, TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT, VM_QUEUE
 from oneha.settings import load_settings
-from workers import hooks
+from oneha.workers import hooks
 
-app = Celery("oneha", include=["workers.tasks"])
+app = Celery("oneha", include=["oneha.workers.tasks"])
 
 
 def worker_config() -> dict[str, Any]:

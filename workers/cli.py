@@ -43,7 +43,7 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
         os.environ["ONEHA_WORKER__METRICS_PORT"] = str(port)  # read again by the worker's own settings
     if concurrency is None:
         concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
-    from workers.app import app
+    from oneha.workers.app import app
 
     name = hostname or f"oneha@{socket.gethostname()}-{os.getpid()}"
     argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
