@@ -29,10 +29,10 @@ from typing import Any
 import redis
 
 from bench.baseline_host_error import run_baseline
-from lab.cli import lab_call
-from lab.sim import LabCloud
 from oneha.incidents import IncidentStore, Kind
 from oneha.keys import Keys
+from oneha.lab.cli import lab_call
+from oneha.lab.sim import LabCloud
 from oneha.opennebula import HostState
 from oneha.redis_server import RedisServer
 from oneha.settings import load_settings
@@ -142,7 +142,7 @@ def timeline(store: IncidentStore, incident_id: int, t0_wall: float) -> list[str
 
 
 def bench_oneha(failed: int, workers: int, concurrency: int) -> dict[str, Any]:
-    from subscriber.dispatcher import Dispatcher, make_celery
+    from oneha.subscriber.dispatcher import Dispatcher, make_celery
 
     lab = make_lab(failed)
     server = RedisServer.start()

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.baseline_host_error import host_error
-from lab.sim import LabCloud
-from lab.timeline import Profile, profile_named
 from oneha.incidents import IncidentStore, Kind
 from oneha.keys import Keys
+from oneha.lab.sim import LabCloud
+from oneha.lab.timeline import Profile, profile_named
 from oneha.opennebula import HostState
 from oneha.redis_server import RedisServer
 from oneha.settings import ClusterPolicy, SubscriberSettings

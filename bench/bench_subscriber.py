@@ -30,10 +30,10 @@ from oneha.incidents import IncidentStore
 from oneha.opennebula import Event, VmEvent
 from oneha.redis_server import RedisServer
 from oneha.settings import Policy
-from subscriber import logs
-from subscriber.intake import Intake
-from subscriber.service import freeze_gc
-from subscriber.zmq_listener import ZmqListener, decode_frames
+from oneha.subscriber import logs
+from oneha.subscriber.intake import Intake
+from oneha.subscriber.service import freeze_gc
+from oneha.subscriber.zmq_listener import ZmqListener, decode_frames
 
 VMS = 2000
 
@@ -212,16 +212,16 @@ def _free_port() -> int:
 
 
 def reconcile_cost(hosts: int, vms: int, failed_hosts: int) -> None:
-    from lab.sim import LabCloud
+    from oneha.lab.sim import LabCloud
     from oneha.opennebula import OnedClient, make_server
-    from subscriber.reconciler import PassStats, Reconciler
+    from oneha.subscriber.reconciler import PassStats, Reconciler
 
     t0 = time.perf_counter()
     lab = LabCloud(hosts=hosts, vms=vms, monitoring_interval_s=0.2, step_delay_s=0.01).start(port=0, events_port=0)
     print(f"  lab with {hosts} hosts / {vms} VMs built in {time.perf_counter() - t0:.1f}s")
     server = RedisServer.start()
     try:
-        from lab.cli import lab_call
+        from oneha.lab.cli import lab_call
 
         for hid in range(failed_hosts):
             lab_call(lab.rpc_url, "lab.host.kill", hid, session=lab.session)

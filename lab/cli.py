@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from lab.sim import DEFAULT_SESSION, LabCloud
+from oneha.lab.sim import DEFAULT_SESSION, LabCloud
 
 DEFAULT_URL = "http://127.0.0.1:2633/RPC2"
 
@@ -63,8 +63,8 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
     Flower, a scripted scenario of failures, and a summary. Subcommands run or poke the lab cloud alone."""
     if ctx.invoked_subcommand is not None:
         return
-    from lab.demo import main
-    from lab.stack import StackOptions
+    from oneha.lab.demo import main
+    from oneha.lab.stack import StackOptions
 
     main(StackOptions(hosts=hosts, vms=vms, workers=max(2, workers), port=port, events_port=events_port,
                       flower_port=flower_port, redis_url=redis_url, dry_run=dry_run), keep, headless)
@@ -92,7 +92,7 @@ def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monito
         step_delay: float, bind: str, seed: int, profile: str, host_side: bool,
         missing_state: str) -> None:
     """Run the lab cloud in the foreground until SIGINT/SIGTERM."""
-    from lab.timeline import profile_named
+    from oneha.lab.timeline import profile_named
 
     try:
         timing = profile_named(profile)
@@ -100,7 +100,7 @@ def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monito
         raise click.BadParameter(str(exc), param_hint="--profile") from None
     side = None
     if host_side:
-        from lab.hostside import HostSideOptions
+        from oneha.lab.hostside import HostSideOptions
 
         side = HostSideOptions(seed=seed)
     cloud = LabCloud(hosts=hosts, vms=vms, clusters=clusters, monitoring_interval_s=monitoring_interval,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from oneha.opennebula import ErrorCode, HostState, LcmState, RecoverOp, VmState
 
 if TYPE_CHECKING:
-    from lab.timeline import Timelines
+    from oneha.lab.timeline import Timelines
 
 
 def L(name: str) -> LcmState:
@@ -211,7 +211,7 @@ class Cloud:
         self.next_vm_id = 0
         self.pool_dirty = True
         self.rendered_version = 0  # bumps on any change, so the rpc layer can cache whole pool bodies
-        from lab import xmlwriter  # local import: xmlwriter imports this module's types
+        from oneha.lab import xmlwriter  # local import: xmlwriter imports this module's types
 
         self.xml = xmlwriter
 

@@ -14,9 +14,9 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from lab.scenario import Scenario, Summary, describe
-from lab.stack import Stack, StackOptions, wait_ready
 from oneha.incidents import IncidentStore
+from oneha.lab.scenario import Scenario, Summary, describe
+from oneha.lab.stack import Stack, StackOptions, wait_ready
 
 HOST_STYLE = {"MONITORED": "green", "ERROR": "bold red", "DISABLED": "yellow", "OFFLINE": "yellow"}
 

@@ -18,7 +18,7 @@ import threading
 
 import zmq
 
-from lab import xmlwriter
+from oneha.lab import xmlwriter
 
 _STOP = (b"", b"")
 

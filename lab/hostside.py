@@ -53,7 +53,7 @@ from sushy_tools.emulator import main as sushy_main
 from sushy_tools.emulator.resources.systems.fakedriver import FakeDriver
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from lab.cloud import Cloud
+from oneha.lab.cloud import Cloud
 
 MODES = ("psu", "power_loss", "kernel_hang", "mgmt_partition", "storage_partition", "flapping")
 SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 oneha-lab\r\n"

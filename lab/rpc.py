@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
-from lab import xmlwriter
-from lab.cloud import Cloud, LabError, Vm
-from lab.events import EventPublisher
+from oneha.lab import xmlwriter
+from oneha.lab.cloud import Cloud, LabError, Vm
+from oneha.lab.events import EventPublisher
 from oneha.opennebula import ErrorCode, VmState
 
 Reply = list[Any]

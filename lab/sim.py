@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from lab.cloud import Cloud
-from lab.events import EventPublisher
-from lab.rpc import Faults, LabRpc, RpcServer, Stats
-from lab.timeline import FAST, Profile, Timelines
+from oneha.lab.cloud import Cloud
+from oneha.lab.events import EventPublisher
+from oneha.lab.rpc import Faults, LabRpc, RpcServer, Stats
+from oneha.lab.timeline import FAST, Profile, Timelines
 
 if TYPE_CHECKING:
-    from lab.hostside import HostSide, HostSideOptions
+    from oneha.lab.hostside import HostSide, HostSideOptions
 
 DEFAULT_SESSION = "oneadmin:opennebula"
 log = logging.getLogger("oneha.lab")
@@ -77,7 +77,7 @@ class LabCloud:
                 self.cloud.timing = Timelines(self.cloud, self.profile)
         self._clock.start()
         if self.host_side_options is not None:
-            from lab.hostside import HostSide  # sushy-tools is a lab extra: imported only when asked for
+            from oneha.lab.hostside import HostSide  # sushy-tools is a lab extra: imported only when asked for
 
             self.host_side = api.host_side = HostSide(self.cloud, self.host_side_options).start()
         return self

@@ -19,8 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from lab.sim import LabCloud
 from oneha.keys import Keys
+from oneha.lab.sim import LabCloud
 from oneha.redis_server import RedisServer, free_port
 from oneha.waiting import wait_until
 
@@ -136,7 +136,7 @@ class Stack:
         password = secrets.token_urlsafe(12)
         self.flower_auth = ("oneha", password)
         flower_env = {**env, "FLOWER_BASIC_AUTH": f"oneha:{password}"}  # env, not argv: ps shows argv
-        argv = [sys.executable, "-m", "celery", "-A", "workers.app:app", "flower",
+        argv = [sys.executable, "-m", "celery", "-A", "oneha.workers.app:app", "flower",
                 "--address=127.0.0.1", f"--port={port}"]
         self._spawn("flower", argv, flower_env)
         self.flower_url = f"http://127.0.0.1:{port}"

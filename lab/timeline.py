@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from oneha.opennebula import HostState, VmState
 
 if TYPE_CHECKING:
-    from lab.cloud import Cloud, Host, Vm
+    from oneha.lab.cloud import Cloud, Host, Vm
 
 POWER_ON = "on"  # lab.cloud.POWER_ON (not imported: lab.cloud imports this module's type only)
 
@@ -353,7 +353,7 @@ class Timelines:
         self._check_completed(now)
 
     def _start_action(self, now: float, a: Action) -> bool:
-        from lab.cloud import ACTION_NUMBERS, LabError
+        from oneha.lab.cloud import ACTION_NUMBERS, LabError
 
         a.started = now
         vm = self.cloud.vms[a.vm_id]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from oneha.opennebula import VmState
 
 if TYPE_CHECKING:
-    from lab.cloud import Cloud, Datastore, History, Host, Vm
+    from oneha.lab.cloud import Cloud, Datastore, History, Host, Vm
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
 

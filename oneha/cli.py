@@ -9,11 +9,11 @@ import click
 
 # name -> "module:attribute" of a click command or group. Each lives beside the code it runs.
 SUBCOMMANDS = {
-    "lab": "lab.cli:lab",
-    "subscribe": "subscriber.cli:subscribe",
-    "reconcile": "subscriber.cli:reconcile",
-    "bridge": "subscriber.bridge:bridge",
-    "worker": "workers.cli:worker",
+    "lab": "oneha.lab.cli:lab",
+    "subscribe": "oneha.subscriber.cli:subscribe",
+    "reconcile": "oneha.subscriber.cli:reconcile",
+    "bridge": "oneha.subscriber.bridge:bridge",
+    "worker": "oneha.workers.cli:worker",
     "incidents": "oneha.incidents_cli:incidents",
     "config": "oneha.config_cli:config",
     "deploy": "oneha.deploy_cli:deploy",

@@ -108,7 +108,7 @@ class _Group(click.Group):
 
 
 def _redacted(url: str) -> str:
-    from subscriber.bridge import redacted
+    from oneha.subscriber.bridge import redacted
 
     return redacted(url)
 

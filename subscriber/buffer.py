@@ -14,9 +14,9 @@ from collections import deque
 import redis
 
 from oneha.opennebula import Event, event_size_bytes
-from subscriber import metrics
-from subscriber.intake import Intake
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.intake import Intake
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.buffer")
 

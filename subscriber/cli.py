@@ -15,8 +15,8 @@ from oneha.clikit import config_option, settings_or_exit
 def subscribe(config: Path | None) -> None:
     """Run the subscriber: ZeroMQ events, the hook bridge stream, the dispatcher and the reconciler."""
     settings = settings_or_exit(config, need_oned=True)
-    from subscriber.logs import configure
-    from subscriber.service import Service
+    from oneha.subscriber.logs import configure
+    from oneha.subscriber.service import Service
 
     configure()
     sys.exit(Service(settings).run_until_signalled())
@@ -27,8 +27,8 @@ def subscribe(config: Path | None) -> None:
 def reconcile(config: Path | None) -> None:
     """Run only the reconciler and the dispatcher (e.g. as a separate systemd unit)."""
     settings = settings_or_exit(config, need_oned=True)
-    from subscriber.logs import configure
-    from subscriber.service import Service
+    from oneha.subscriber.logs import configure
+    from oneha.subscriber.service import Service
 
     configure()
     sys.exit(Service(settings, components=("dispatcher", "reconciler")).run_until_signalled())

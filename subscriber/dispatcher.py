@@ -21,8 +21,8 @@ import redis
 from oneha.celeryconf import warm_up_producer
 from oneha.incidents import CLOSED_STATUSES, Incident, IncidentStore, Kind
 from oneha.keys import HOST_QUEUE, TASK_RECOVER_HOST, TASK_VM_INCIDENT, VM_QUEUE
-from subscriber import metrics
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.dispatcher")
 

@@ -30,8 +30,8 @@ from collections import deque
 from collections.abc import Callable
 
 from oneha.opennebula import HOST_HEALTHY_STATES, HostEvent, HostState, OnedClient
-from subscriber import metrics
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.hostcheck")
 

@@ -24,9 +24,9 @@ from oneha.opennebula import (
     VmState,
 )
 from oneha.settings import Policy
-from subscriber import metrics
-from subscriber.hostcheck import HostCheck
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.hostcheck import HostCheck
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.intake")
 

@@ -45,7 +45,12 @@ def serve(port: int | None, bind: str = "127.0.0.1") -> int | None:
     """Start the metrics endpoint; port 0 picks a free port. Returns the port, or None when disabled."""
     if port is None:
         return None
-    server, _thread = start_http_server(port, addr=bind)
+    try:
+        server, _thread = start_http_server(port, addr=bind)
+    except OSError as exc:  # a taken port costs the metrics, not the recovery (the scrape's `up` shows it)
+        log.error("metrics: cannot listen", extra={"kv": {"bind": bind, "port": port, "error": exc.strerror,
+                                                          "fix": "choose another subscriber.metrics_port"}})
+        return None
     actual = int(server.server_address[1])
     log.info("metrics listening", extra={"kv": {"bind": bind, "port": actual}})
     return actual

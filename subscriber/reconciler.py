@@ -40,9 +40,9 @@ from oneha.opennebula import (
     VmState,
     VmView,
 )
-from subscriber import metrics
-from subscriber.intake import RECONCILER, Intake, Outcome, failure_kind
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.intake import RECONCILER, Intake, Outcome, failure_kind
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.reconciler")
 

@@ -22,15 +22,15 @@ from oneha.incidents import IncidentStore
 from oneha.keys import Keys
 from oneha.opennebula import OnedClient, make_server
 from oneha.settings import RedisSettings, Settings
-from subscriber import metrics
-from subscriber.buffer import BufferedIntake
-from subscriber.dispatcher import Dispatcher, make_celery
-from subscriber.hostcheck import HostCheck
-from subscriber.intake import Intake
-from subscriber.logs import kv
-from subscriber.reconciler import Reconciler
-from subscriber.stream import StreamConsumer
-from subscriber.zmq_listener import ZmqListener
+from oneha.subscriber import metrics
+from oneha.subscriber.buffer import BufferedIntake
+from oneha.subscriber.dispatcher import Dispatcher, make_celery
+from oneha.subscriber.hostcheck import HostCheck
+from oneha.subscriber.intake import Intake
+from oneha.subscriber.logs import kv
+from oneha.subscriber.reconciler import Reconciler
+from oneha.subscriber.stream import StreamConsumer
+from oneha.subscriber.zmq_listener import ZmqListener
 
 log = logging.getLogger("oneha.subscriber")
 

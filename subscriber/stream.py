@@ -36,9 +36,9 @@ from oneha.opennebula import (
     classify_error,
     decode_template,
 )
-from subscriber import metrics
-from subscriber.intake import Intake
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.intake import Intake
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.stream")
 

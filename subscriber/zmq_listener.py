@@ -41,8 +41,8 @@ from oneha.opennebula import (
     event_size_bytes,
     max_frame_bytes,
 )
-from subscriber import metrics
-from subscriber.logs import kv
+from oneha.subscriber import metrics
+from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.zmq")
 

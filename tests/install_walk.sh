@@ -53,6 +53,7 @@ text = open(cfg).read()
 text = text.replace('endpoint = "http://localhost:2633/RPC2"', f'endpoint = "{rpc}"')
 text = text.replace('url = "redis://127.0.0.1:6379/0"', f'url = "redis://127.0.0.1:{port}/0"')
 text = re.sub(r'zmq_endpoints = \[[^\]]*\]', f'zmq_endpoints = ["{events}"]', text)
+text = re.sub(r'(?m)^metrics_port = \d+$', 'metrics_port = 0', text)  # free ports: this machine may run others
 open(cfg, "w").write(text)
 PY
 sed -i "s|redis://127.0.0.1:6379/0|redis://127.0.0.1:$redis_port/0|" "$etc/bridge.toml"
@@ -63,5 +64,18 @@ ONE_AUTH="$etc/one_auth" "$venv/bin/oneha" config check --config "$cfg"
 step "1.7 the bridge, as oned's hook manager runs it, with its own config"
 ONEHA_BIN="$venv/bin/oneha" ONEHA_CONFIG="$etc/bridge.toml" "$prefix/bin/oneha-bridge" --hid 3
 
+step "1.10 the services from the installed wheel: a subscriber and worker@1 beat, oneha incidents counts them"
+export ONE_AUTH="$etc/one_auth"
+"$venv/bin/oneha" subscribe --config "$cfg" > "$work/subscriber.log" 2>&1 &
+"$venv/bin/oneha" worker --config "$cfg" --instance 1 --concurrency 2 > "$work/worker.log" 2>&1 &
+alive=""
+for _ in $(seq 300); do  # poll up to ~30 s
+    alive="$("$venv/bin/oneha" incidents --config "$cfg" | tail -n 1)"
+    case "$alive" in *"1 subscriber(s), 1 worker(s)"*) break ;; esac
+    sleep 0.1
+done
+echo "$alive"
+case "$alive" in *"1 subscriber(s), 1 worker(s)"*) ;; *) echo "FAIL: services not alive"; tail -5 "$work"/*.log; failed=1 ;; esac
+
 [ "$failed" -eq 0 ] || { echo "install walk FAILED (see above)"; exit 1; }
-echo; echo "install walk passed in $(( $(date +%s) - t0 )) s (work dir $work)"
+echo "install walk passed in $(( $(date +%s) - t0 )) s (work dir $work)"

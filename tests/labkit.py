@@ -14,8 +14,8 @@ from typing import Any
 
 import zmq
 
-from lab.cli import LabCallError, lab_call
-from lab.sim import DEFAULT_SESSION, LabCloud
+from oneha.lab.cli import LabCallError, lab_call
+from oneha.lab.sim import DEFAULT_SESSION, LabCloud
 
 __all__ = ["LabCallError", "LabProcess", "call", "lab_process", "running_lab", "subscriber", "sync_subscriber"]
 

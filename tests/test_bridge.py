@@ -17,9 +17,9 @@ from oneha.keys import BRIDGE_GROUP, Keys
 from oneha.opennebula import OnedClient, make_server
 from oneha.redis_server import free_port
 from oneha.settings import Policy
+from oneha.subscriber.intake import Intake
+from oneha.subscriber.stream import StreamConsumer
 from oneha.waiting import wait_until
-from subscriber.intake import Intake
-from subscriber.stream import StreamConsumer
 from tests.labkit import call, running_lab
 from tests.test_subscriber_kit import host_xml, incidents, metric, vm_xml
 

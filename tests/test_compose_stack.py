@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from lab.cli import lab_call
+from oneha.lab.cli import lab_call
 from oneha.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

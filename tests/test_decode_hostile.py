@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oneha.opennebula import EventError, safe_parse_xml
+from oneha.subscriber.zmq_listener import decode_frames
 from oneha.waiting import wait_until
-from subscriber.zmq_listener import decode_frames
 from tests.test_subscriber_kit import host_message, incidents, metric, publisher, running, sync, vm_message
 from tests.test_subscriber_kit import settings as make_settings
 

@@ -57,7 +57,7 @@ def test_expected_subcommands():
 
 def test_flower_shares_the_app_and_requires_auth():
     flower = SERVICES["flower"]
-    assert flower["command"][:4] == ["celery", "-A", "workers.app:app", "flower"]
+    assert flower["command"][:4] == ["celery", "-A", "oneha.workers.app:app", "flower"]
     assert "--port=5555" in flower["command"]
     auth = flower["environment"]["FLOWER_BASIC_AUTH"]
     m = VAR.fullmatch(auth)
@@ -253,12 +253,12 @@ def _names_in_a_fresh_process(pid: int) -> tuple[str, str]:
     code = (f"import os, sys; os.getpid = lambda: {pid}\n"
             "from click.testing import CliRunner\n"
             "from oneha import heartbeat\n"
-            "import workers.cli as w\n"
+            "import oneha.workers.cli as w\n"
             "seen = []\n"
             "w.sys.setswitchinterval = lambda s: None\n"
             "class App:\n"
             "    def worker_main(self, argv): seen.extend(a for a in argv if a.startswith('--hostname='))\n"
-            "import workers.app; workers.app.app = App()\n"
+            "import oneha.workers.app; oneha.workers.app.app = App()\n"
             "CliRunner().invoke(w.worker, [], catch_exceptions=False)\n"
             "print(heartbeat.component_name('subscriber')); print(seen[0])\n")
     env = {**os.environ, "ONE_XMLRPC": "http://127.0.0.1:2633/RPC2", "ONEHA_ONED__SESSION": "u:p",

@@ -245,14 +245,14 @@ def test_unit_and_timer_agree_with_the_docs():
 
 # --- against the lab cloud ----------------------------------------------------------------------------------------
 
-lab_sim = pytest.importorskip("lab.sim")
+lab_sim = pytest.importorskip("oneha.lab.sim")
 
 
 def test_partitioned_lab_host_self_fences_after_the_deadline(tmp_path):
     """A lab host is partitioned: the front-end loses it, its domains keep running. The host runs the self-fence;
     its view of the front-end is a closed port. The action (lab.host.fence: the host powers itself off) must come
     after the deadline and not before; afterwards no domain runs there, and no VM runs twice."""
-    from lab.cli import lab_call
+    from oneha.lab.cli import lab_call
 
     with lab_sim.LabCloud(hosts=3, vms=6, monitoring_interval_s=0.3, step_delay_s=0.03) as lab:
         url, session = lab.rpc_url, lab.session

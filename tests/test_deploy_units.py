@@ -63,7 +63,7 @@ def test_every_unit_is_known():
 def test_flower_unit_requires_auth_and_stays_on_loopback():
     unit = parse_unit(UNITS / "oneha-flower.service")
     argv = shlex.split(one(unit, "Service", "ExecStart"))
-    assert argv[:4] == ["/opt/oneha/venv/bin/celery", "-A", "workers.app:app", "flower"]
+    assert argv[:4] == ["/opt/oneha/venv/bin/celery", "-A", "oneha.workers.app:app", "flower"]
     assert "--address=127.0.0.1" in argv and not any("BASIC_AUTH" in a or "auth" in a for a in argv)
     assert one(unit, "Service", "EnvironmentFile") == "/etc/oneha/flower.env"  # FLOWER_BASIC_AUTH, not argv
     assert one(unit, "Service", "User") == "oneha"

@@ -9,8 +9,8 @@ import pytest
 
 from oneha.incidents import Kind
 from oneha.opennebula import LcmState, VmEvent, VmState, VmView
+from oneha.subscriber.intake import failure_kind
 from oneha.waiting import wait_until
-from subscriber.intake import failure_kind
 from tests.labkit import call, running_lab
 from tests.test_subscriber_kit import incidents, running, settings
 from tests.test_subscriber_lab import services, toggle_until_heard

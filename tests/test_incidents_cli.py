@@ -14,8 +14,8 @@ from pathlib import Path
 
 import redis
 
-from lab.xmlwriter import hook_message
 from oneha.incidents import IncidentStore, Kind, Status
+from oneha.lab.xmlwriter import hook_message
 from tests.test_bridge import b64, bridge
 from tests.workerkit import write_config
 

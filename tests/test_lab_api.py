@@ -10,7 +10,7 @@ from typing import Any
 import pyone
 import pytest
 
-from lab.sim import LabCloud
+from oneha.lab.sim import LabCloud
 from oneha.opennebula import HostState, LcmState, VmState
 from oneha.waiting import wait_until
 from tests.labkit import call, running_lab

@@ -12,7 +12,7 @@ import sys
 import pyone
 from click.testing import CliRunner
 
-from lab.cli import lab
+from oneha.lab.cli import lab
 from oneha.opennebula import HostState
 from oneha.waiting import wait_until
 from tests.labkit import call, lab_process, running_lab

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from lab.cli import LabCallError, lab_call
-from lab.cloud import Cloud
-from lab.sim import LabCloud
+from oneha.lab.cli import LabCallError, lab_call
+from oneha.lab.cloud import Cloud
+from oneha.lab.sim import LabCloud
 from oneha.waiting import wait_until
 
-hostside = pytest.importorskip("lab.hostside", reason="needs sushy-tools (the lab extra)")
+hostside = pytest.importorskip("oneha.lab.hostside", reason="needs sushy-tools (the lab extra)")
 HostSide, HostSideOptions, address = hostside.HostSide, hostside.HostSideOptions, hostside.address
 
 FENCE_REDFISH = Path(__file__).resolve().parent.parent / "deploy" / "fence" / "fence_redfish.sh"

@@ -8,7 +8,7 @@ import xmlrpc.client
 
 import pyone
 
-from lab.sim import LabCloud
+from oneha.lab.sim import LabCloud
 from tests.labkit import running_lab
 
 

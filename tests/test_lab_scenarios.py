@@ -6,7 +6,7 @@ from typing import Any
 
 import pyone
 
-from lab.sim import LabCloud
+from oneha.lab.sim import LabCloud
 from oneha.opennebula import HostState, LcmState, VmState
 from oneha.waiting import wait_until
 from tests.labkit import call, running_lab

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from lab.cloud import Cloud
-from lab.sim import LabCloud
-from lab.timeline import FAST, PRODUCTION, Profile, Timelines, profile_named
+from oneha.lab.cloud import Cloud
+from oneha.lab.sim import LabCloud
+from oneha.lab.timeline import FAST, PRODUCTION, Profile, Timelines, profile_named
 from oneha.opennebula import HostState, RecoverOp, VmState
 from oneha.waiting import wait_until
 

@@ -15,9 +15,9 @@ from oneha.keys import Keys
 from oneha.opennebula import ErrorKind, RecoverOp
 from oneha.settings import OnedSettings
 from oneha.waiting import wait_until
+from oneha.workers.oned import OnedError, OnedGateway
 from tests.labkit import call, running_lab
 from tests.workerkit import vm_timeline, worker_stack
-from workers.oned import OnedError, OnedGateway
 
 LAB = {"monitoring_interval_s": 0.5, "step_delay_s": 0.05}
 CAP = 4

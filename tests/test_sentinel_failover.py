@@ -23,10 +23,10 @@ from oneha.incidents import Incident, Kind
 from oneha.keys import Keys
 from oneha.redis_server import RedisServer
 from oneha.waiting import wait_until
+from oneha.workers.lock import Lease
 from tests.labkit import call, running_lab
 from tests.sentinelkit import FAST_SYNC, MASTER, sentinel_cluster
 from tests.workerkit import Stack, timeline_time, worker_stack
-from workers.lock import Lease
 
 pytestmark = pytest.mark.slow
 

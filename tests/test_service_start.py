@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from lab.sim import LabCloud
 from oneha.keys import Keys
+from oneha.lab.sim import LabCloud
 from oneha.waiting import wait_until
 from tests.labkit import FAST, running_lab
 from tests.workerkit import write_config
@@ -72,21 +72,28 @@ def test_rejected_credentials_exit_2_with_one_line(tmp_path: Path, redis_url: st
     assert "refused" in lines[0] and "one_auth" in lines[0] and "wrong" not in lines[0]
 
 
-def test_oned_down_at_start_is_transient(tmp_path: Path, redis_url: str) -> None:
-    cfg = write_config(tmp_path, redis_url, dead_endpoint())
-    proc = subprocess.Popen([*ONEHA, "subscribe", "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=clean_env())
-    try:
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
-        keys = Keys()
-        wait_until(lambda: proc.poll() is not None or any(k.startswith("subscriber:")
-                                                          for k in client.hkeys(keys.heartbeat)),
-                   20, what="subscriber heartbeat")
-        assert proc.poll() is None, "the subscriber must keep running while oned is unreachable"
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=15)
+def test_oned_down_at_start_is_transient_and_a_taken_metrics_port_costs_only_metrics(tmp_path: Path,
+                                                                                      redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = write_config(tmp_path, redis_url, dead_endpoint())
+        with cfg.open("a") as f:
+            f.write(f"[subscriber]\nmetrics_port = {taken.getsockname()[1]}\n")
+        proc = subprocess.Popen([*ONEHA, "subscribe", "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=clean_env())
+        try:
+            client = redis.Redis.from_url(redis_url, decode_responses=True)
+            keys = Keys()
+            wait_until(lambda: proc.poll() is not None or any(k.startswith("subscriber:")
+                                                              for k in client.hkeys(keys.heartbeat)),
+                       20, what="subscriber heartbeat")
+            assert proc.poll() is None, "the subscriber must keep running while oned is unreachable"
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=15)
     assert "not reachable at start" in err
+    assert "metrics: cannot listen" in err
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from oneha import incidents
 from oneha.incidents import IncidentStore, Kind, Report, ReportRequest
 from oneha.opennebula import LcmState, VmEvent, VmState, VmView
 from oneha.settings import Policy
-from subscriber import intake as intake_mod
-from subscriber.intake import Intake, Outcome
+from oneha.subscriber import intake as intake_mod
+from oneha.subscriber.intake import Intake, Outcome
 
 
 def stores(url: str) -> tuple[IncidentStore, IncidentStore]:

@@ -13,9 +13,9 @@ import redis
 from oneha.incidents import IncidentStore, Kind, ReportRequest
 from oneha.opennebula import HostEvent, HostState, OnedClient, make_server
 from oneha.settings import Policy
+from oneha.subscriber.hostcheck import HostCheck
+from oneha.subscriber.intake import Intake, Outcome
 from oneha.waiting import wait_until
-from subscriber.hostcheck import HostCheck
-from subscriber.intake import Intake, Outcome
 from tests.labkit import call, running_lab
 from tests.test_subscriber_kit import host_message, metric, publisher, running, settings, sync
 from tests.workerkit import vm_timeline, worker_stack
@@ -93,7 +93,7 @@ def test_a_real_error_read_before_oned_wrote_it_is_only_delayed(redis_client: re
     reconcile interval (here 60 s) later."""
     from dataclasses import replace
 
-    from subscriber.reconciler import Reconciler
+    from oneha.subscriber.reconciler import Reconciler
 
     with running_lab(hosts=2, **LAB) as lab:
         oned = OnedClient(make_server(lab.rpc_url, lab.session, 1.0, 3.0))

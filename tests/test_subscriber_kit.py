@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY
 
 from oneha.incidents import Incident, IncidentStore
 from oneha.settings import Settings
+from oneha.subscriber.service import Service
 from oneha.waiting import wait_until
-from subscriber.service import Service
 
 
 def host_xml(hid: int, state: int, cluster: int = 0, vms: tuple[int, ...] = ()) -> str:

@@ -12,8 +12,8 @@ import zmq
 
 from oneha.incidents import Kind
 from oneha.opennebula import HOST_PREFIXES, HostState, OnedClient, make_server
+from oneha.subscriber.service import Service
 from oneha.waiting import wait_until
-from subscriber.service import Service
 from tests.labkit import call, running_lab
 from tests.test_bridge import bridge
 from tests.test_subscriber_kit import host_message, incidents, metric, publisher, settings

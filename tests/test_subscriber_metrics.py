@@ -11,9 +11,9 @@ import zmq
 
 from oneha.incidents import IncidentStore
 from oneha.redis_server import free_port
+from oneha.subscriber.reconciler import Reconciler
+from oneha.subscriber.service import Service
 from oneha.waiting import wait_until
-from subscriber.reconciler import Reconciler
-from subscriber.service import Service
 from tests.test_subscriber_kit import host_message, incidents, metric, settings, sync
 
 

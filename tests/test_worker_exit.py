@@ -16,8 +16,8 @@ from oneha.keys import Keys
 from oneha.redis_server import RedisServer
 from oneha.settings import load_settings
 from oneha.waiting import wait_until
+from oneha.workers.cli import EXIT_UNASKED
 from tests.workerkit import WorkerPool, write_config
-from workers.cli import EXIT_UNASKED
 
 pytestmark = pytest.mark.slow
 NO_ONED = "http://127.0.0.1:9/RPC2"  # these workers never reach oned
@@ -36,7 +36,7 @@ def exit_status(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
 
 def test_a_worker_that_stops_on_its_own_exits_non_zero_and_zero_only_when_signalled(tmp_path: Path,
                                                                                     redis_url: str) -> None:
-    from subscriber.dispatcher import make_celery
+    from oneha.subscriber.dispatcher import make_celery
 
     workers = pool(tmp_path, redis_url)
     client = redis.Redis.from_url(redis_url, decode_responses=True)

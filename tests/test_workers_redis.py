@@ -14,9 +14,9 @@ from oneha.keys import Keys
 from oneha.opennebula import ErrorKind, OnedClient, make_server
 from oneha.settings import OnedSettings
 from oneha.waiting import wait_until
+from oneha.workers.lock import Lease, LeaseLost
+from oneha.workers.oned import OnedError, OnedGateway, OnedSemaphore
 from tests.labkit import call, running_lab
-from workers.lock import Lease, LeaseLost
-from workers.oned import OnedError, OnedGateway, OnedSemaphore
 
 
 def test_lease_token_check_and_takeover(redis_client: redis.Redis) -> None:
@@ -152,9 +152,9 @@ def test_host_rerun_sends_again_only_the_vm_tasks_that_were_lost(redis_url: str,
     and lost its worker (no VM lease) is sent again; when the queue has not moved for a lease, every one is."""
     from oneha.incidents import Kind, Status
     from oneha.settings import load_settings
+    from oneha.workers.host_flow import redispatch_pending
+    from oneha.workers.runtime import Flow, Runtime
     from tests.workerkit import write_config
-    from workers.host_flow import redispatch_pending
-    from workers.runtime import Flow, Runtime
 
     sent: list[list[Any]] = []
     settings = load_settings(write_config(tmp_path, redis_url, "http://127.0.0.1:9/RPC2"))  # oned never called
@@ -189,9 +189,9 @@ def test_a_host_incident_whose_vm_records_were_lost_runs_those_vms_again_and_nev
     without a record at the close counts as not recovered."""
     from oneha.incidents import Kind, Status
     from oneha.settings import load_settings
+    from oneha.workers.host_flow import finish_incident, redispatch_pending
+    from oneha.workers.runtime import Flow, Runtime
     from tests.workerkit import write_config
-    from workers.host_flow import finish_incident, redispatch_pending
-    from workers.runtime import Flow, Runtime
 
     sent: list[list[Any]] = []
     settings = load_settings(write_config(tmp_path, redis_url, "http://127.0.0.1:9/RPC2"))  # oned never called

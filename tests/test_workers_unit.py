@@ -13,10 +13,10 @@ import time
 from oneha.opennebula import HostState, HostView, LcmState, VmState, VmView, decode_template
 from oneha.settings import ClusterPolicy
 from oneha.waiting import wait_until
-from workers.fence import host_xml, run_fence
-from workers.host_flow import storm_reason
-from workers.oned import full_jitter
-from workers.vm_steps import choose_action, has_left_host, in_transition, select_vms
+from oneha.workers.fence import host_xml, run_fence
+from oneha.workers.host_flow import storm_reason
+from oneha.workers.oned import full_jitter
+from oneha.workers.vm_steps import choose_action, has_left_host, in_transition, select_vms
 
 
 def vm(vid: int, state: VmState = VmState.ACTIVE, lcm: LcmState = LcmState.UNKNOWN, hid: int = 1, prio: int = 0,

@@ -174,7 +174,7 @@ class Stack:
 
 def run_dispatcher(store: IncidentStore, celery: Any, lease_s: float, stop: threading.Event) -> threading.Thread:
     """The subscriber's dispatcher (claim_due + send_task, also the watchdog of dead workers) in a thread."""
-    from subscriber.dispatcher import Dispatcher
+    from oneha.subscriber.dispatcher import Dispatcher
 
     dispatcher = Dispatcher(store, celery, lease_s, 0.05, stop)
     thread = threading.Thread(target=dispatcher.run, name="test-dispatcher", daemon=True)
@@ -186,7 +186,7 @@ def run_dispatcher(store: IncidentStore, celery: Any, lease_s: float, stop: thre
 def worker_stack(directory: Path, redis_url: str, lab_url: str, workers: int = 2, concurrency: int = 8,
                  env: dict[str, str] | None = None, dispatcher: bool = True, **config: Any) -> Iterator[Stack]:
     """Config + N `oneha worker` processes + a dispatcher thread, against a Redis and a lab."""
-    from subscriber.dispatcher import make_celery
+    from oneha.subscriber.dispatcher import make_celery
 
     path = write_config(directory, redis_url, lab_url, **config)
     settings = load_settings(path)

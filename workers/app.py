@@ -1,5 +1,5 @@
 """The Celery app of the workers. Configured lazily from oneha's settings the first time its config is read, so
-importing this module is cheap; `celery -A workers.app:app flower` gets the very same settings (same visibility
+importing this module is cheap; `celery -A oneha.workers.app:app flower` gets the very same settings (same visibility
 timeout: with Redis the shortest one of any client wins, REFERENCE §6).
 
 Settings (oneha/celeryconf.py explains each): late acks (every task is idempotent: it re-reads oned and Redis
@@ -18,9 +18,9 @@ from celery import Celery
 from oneha.celeryconf import celery_config
 from oneha.keys import HOST_QUEUE, TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT, VM_QUEUE
 from oneha.settings import load_settings
-from workers import hooks
+from oneha.workers import hooks
 
-app = Celery("oneha", include=["workers.tasks"])
+app = Celery("oneha", include=["oneha.workers.tasks"])
 
 
 def worker_config() -> dict[str, Any]:

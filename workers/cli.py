@@ -52,7 +52,7 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
     if concurrency is None:
         concurrency = 16 if pool == "threads" else (os.cpu_count() or 2)
     from oneha.heartbeat import instance_name
-    from workers.app import app
+    from oneha.workers.app import app
 
     name = hostname or f"oneha@{instance_name()}"
     argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from oneha.opennebula import HostView
 from oneha.settings import ClusterPolicy
-from workers.oned import full_jitter
+from oneha.workers.oned import full_jitter
 
 log = logging.getLogger(__name__)
 

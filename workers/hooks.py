@@ -26,7 +26,7 @@ from prometheus_client import Counter, Histogram
 from oneha.opennebula import ErrorKind
 
 if TYPE_CHECKING:
-    from workers.runtime import Flow
+    from oneha.workers.runtime import Flow
 
 log = logging.getLogger("oneha.audit")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,7 +128,7 @@ def _summary(value: Any) -> Any:
 
 
 def _describe(exc: BaseException) -> str:
-    from workers.oned import describe
+    from oneha.workers.oned import describe
 
     return describe(exc)
 
@@ -144,6 +144,6 @@ def install(app: Any) -> None:
 
     @signals.worker_ready.connect(weak=False)
     def _on_ready(sender: Any = None, **_: Any) -> None:
-        from workers.runtime import start_metrics_and_heartbeat
+        from oneha.workers.runtime import start_metrics_and_heartbeat
 
         start_metrics_and_heartbeat(str(getattr(sender, "hostname", "worker")))

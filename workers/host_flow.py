@@ -26,11 +26,11 @@ from oneha.incidents import Incident, Kind, Status
 from oneha.keys import TASK_RECOVER_VM, VM_QUEUE
 from oneha.opennebula import ErrorKind, HostState, HostView, VmView
 from oneha.settings import ClusterPolicy
-from workers.fence import FenceResult, run_fence
-from workers.hooks import step
-from workers.oned import OnedError
-from workers.runtime import Flow, Paused, Runtime
-from workers.vm_steps import claim_vm, recover_vm_of_host, release_vm, select_vms
+from oneha.workers.fence import FenceResult, run_fence
+from oneha.workers.hooks import step
+from oneha.workers.oned import OnedError
+from oneha.workers.runtime import Flow, Paused, Runtime
+from oneha.workers.vm_steps import claim_vm, recover_vm_of_host, release_vm, select_vms
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from oneha import heartbeat, redisconn
 from oneha.incidents import Incident, IncidentStore
 from oneha.keys import Keys
 from oneha.settings import Settings, load_settings
-from workers.hooks import Hooks
-from workers.lock import Lease
-from workers.oned import OnedGateway
+from oneha.workers.hooks import Hooks
+from oneha.workers.lock import Lease
+from oneha.workers.oned import OnedGateway
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def get_runtime() -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from workers.app import app
+            from oneha.workers.app import app
 
             def send(name: str, args: list[Any], queue: str) -> None:
                 app.send_task(name, args=args, queue=queue)
@@ -168,11 +168,11 @@ def get_runtime() -> Runtime:
 def _warm_up() -> None:
     """Pay the first task's one-off costs at start (flow imports, broker connection for the VM tasks a host task
     sends), not during the first recovery."""
-    import workers.host_flow
-    import workers.vm_flows  # noqa: F401
+    import oneha.workers.host_flow
+    import oneha.workers.vm_flows  # noqa: F401
     from oneha.celeryconf import warm_up_producer
     from oneha.keys import VM_QUEUE
-    from workers.app import app
+    from oneha.workers.app import app
 
     try:
         warm_up_producer(app, (VM_QUEUE,))

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 from oneha.incidents import Kind, Status
 from oneha.opennebula import FAILURE_LCM_STATES, HOST_OPERATOR_STATES, LcmState, VmState, VmView
-from workers.hooks import step
-from workers.oned import OnedError
-from workers.runtime import Flow, Paused, Runtime
-from workers.vm_steps import act, claim_vm, confirm, release_vm
+from oneha.workers.hooks import step
+from oneha.workers.oned import OnedError
+from oneha.workers.runtime import Flow, Paused, Runtime
+from oneha.workers.vm_steps import act, claim_vm, confirm, release_vm
 
 log = logging.getLogger(__name__)
 

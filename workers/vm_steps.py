@@ -25,10 +25,10 @@ from oneha.opennebula import (
 )
 from oneha.settings import ClusterPolicy
 from oneha.waiting import WaitTimeout, wait_until
-from workers.hooks import step
-from workers.lock import Lease
-from workers.oned import OnedError
-from workers.runtime import Flow
+from oneha.workers.hooks import step
+from oneha.workers.lock import Lease
+from oneha.workers.oned import OnedError
+from oneha.workers.runtime import Flow
 
 log = logging.getLogger(__name__)
 
