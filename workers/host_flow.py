@@ -19,22 +19,19 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import redis
-
-from oneha.celeryconf import TASK_SOFT_TIME_LIMIT_S
-from oneha.incidents import Incident, Kind, Status
+from oneha.incidents import Kind, Status
 from oneha.keys import TASK_RECOVER_VM, VM_QUEUE
 from oneha.opennebula import ErrorKind, HostState, HostView, VmView
 from oneha.settings import ClusterPolicy
 from oneha.workers.fence import FenceResult, run_fence
 from oneha.workers.hooks import step
 from oneha.workers.oned import OnedError
-from oneha.workers.runtime import Flow, Paused, Runtime
-from oneha.workers.vm_steps import claim_vm, recover_vm_of_host, release_vm, select_vms
+from oneha.workers.runtime import Flow, Runtime
+from oneha.workers.vm_steps import select_vms
+from oneha.workers.vm_task import finish_incident, without_record
 
 log = logging.getLogger(__name__)
 
-OK_RESULTS = frozenset({"recovered", "dry_run", "skipped", "gone"})
 # Reads a host flow starts ahead of time (the VMs of the host while it is being fenced). Each goes through the
 # oned gateway, so the pool-wide cap still bounds them.
 _READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="oneha-prefetch")
@@ -137,7 +134,7 @@ def redispatch_pending(flow: Flow) -> int:
     rt, inc = flow.rt, flow.incident
     pending = {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc.id))}
     if not pending:
-        pending = _without_record(rt, inc)
+        pending = without_record(rt, inc)
         if not pending:
             finish_incident(rt, inc.id)
             return 0
@@ -173,43 +170,6 @@ def _started_without_lease(rt: Runtime, incident_id: int, vm_ids: list[int]) -> 
     return [v for v, s, held in zip(vm_ids, started, leased, strict=True) if s and not held]
 
 
-# KEYS: pending set. ARGV: vm id. Remove it; 1 if we removed the last one (we close), else 0.
-_FINISH_VM = """
-local removed = redis.call('SREM', KEYS[1], ARGV[1])
-if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
-return 0
-"""
-
-
-def _without_record(rt: Runtime, inc: Incident) -> set[int]:
-    """VMs the incident chose (its `order`) that have no record."""
-    chosen = {int(v) for v in json.loads(inc.extra.get("order", "[]"))}
-    return chosen - set(rt.store.vm_records(inc.id)) if chosen else set()
-
-
-def finish_incident(rt: Runtime, incident_id: int) -> Status | None:
-    """Close a host incident once every selected VM has its record: RECOVERED, or PARTIAL with the failures (a VM
-    chosen but without a record — lost with Redis — counts as not recovered, never as nothing)."""
-    inc = rt.store.get(incident_id)
-    if inc is None or not inc.status.is_open:
-        return None
-    records: dict[int, dict[str, object]] = {v: {"result": "no_record"} for v in _without_record(rt, inc)}
-    records.update(rt.store.vm_records(incident_id))
-    bad = {vid: r.get("result") for vid, r in records.items() if r.get("result") not in OK_RESULTS}
-    if bad:
-        status = Status.PARTIAL
-        detail = f"{len(records) - len(bad)}/{len(records)} VMs recovered; not: " + ", ".join(
-            f"{v}:{r}" for v, r in sorted(bad.items())[:20])
-    elif records and all(r.get("result") == "dry_run" for r in records.values()):
-        status = Status.NO_ACTION  # a drill: nothing was changed, and the record must not say otherwise
-        detail = f"dry run: {len(records)} VMs would have been recovered; nothing changed in oned"
-    else:
-        status = Status.RECOVERED
-        detail = f"{len(records)} VMs recovered"
-    rt.store.close(inc, status, detail)
-    return status
-
-
 # Tasks' bodies ------------------------------------------------------------------------------------------------------
 def recover_host(rt: Runtime, incident_id: int) -> str:
     inc = rt.store.get(incident_id)
@@ -227,14 +187,37 @@ def recover_host(rt: Runtime, incident_id: int) -> str:
 
 
 def _host_flow(flow: Flow) -> str:
-    rt, inc = flow.rt, flow.incident
-    policy = rt.settings.policy.for_cluster(inc.cluster_id)
+    """confirm_host_failed -> check_storm / pause -> fence_host -> list_vms_to_recover -> dispatch_vm_recoveries."""
+    inc = flow.incident
     if inc.status is Status.RECOVERING:
-        if rt.pause_reason() is not None:
-            rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
-            return "paused"  # its VM tasks stopped at the gate; `resume` makes it due again
-        redispatch_pending(flow)
-        return "redispatched"
+        return _continue_recovering(flow)
+    found = _confirmed_failed_host(flow)
+    if isinstance(found, str):
+        return found
+    host, pool = found
+    held = _hold_if_storm_or_paused(flow, host, pool)
+    if held is not None:
+        return held
+    policy = flow.rt.settings.policy.for_cluster(inc.cluster_id)
+    flow.rt.store.set_status(inc.id, Status.RUNNING)
+    vms_read = _read_ahead(flow, host, policy)
+    if not _fenced(flow, host, policy, vms_read):
+        return "fence_failed"
+    return _recover_vms(flow, host, policy, vms_read)
+
+
+def _continue_recovering(flow: Flow) -> str:
+    """A re-run once the VM tasks were sent: send again those that were lost (not while paused)."""
+    if flow.rt.pause_reason() is not None:
+        flow.recheck_later()
+        return "paused"  # its VM tasks stopped at the gate; `resume` makes it due again
+    redispatch_pending(flow)
+    return "redispatched"
+
+
+def _confirmed_failed_host(flow: Flow) -> tuple[HostView, list[HostView]] | str:
+    """(the failed host, the host pool), or the task's result when the incident closed: host gone or not failed."""
+    rt, inc = flow.rt, flow.incident
     fenced = bool(inc.extra.get("fenced_at"))
     try:
         host, pool = confirm_host_failed(flow)
@@ -248,22 +231,37 @@ def _host_flow(flow: Flow) -> str:
         came_back = host.state not in (HostState.DISABLED, HostState.OFFLINE)
         rt.store.close(inc, Status.NO_ACTION, f"host is {host.state.name}", handled=not came_back)
         return "no_action"
-    if not fenced:
+    return host, pool
+
+
+def _hold_if_storm_or_paused(flow: Flow, host: HostView, pool: list[HostView]) -> str | None:
+    """Before fencing (powering a host off is an action too): HELD on a storm or an operator's pause."""
+    inc = flow.incident
+    if not inc.extra.get("fenced_at"):
         reason = check_storm(flow, host, pool)
         if reason is not None:
-            return _hold(flow, reason, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
-    paused = rt.pause_reason()
-    if paused is not None:  # before fencing: powering a host off is an action too
-        return _hold(flow, paused, f"host {host.id} failed while recovery is paused ({paused}); held until "
-                                   "`oneha incidents resume`")
-    rt.store.set_status(inc.id, Status.RUNNING)
-    # Read the VMs (and, for migrate, the datastores) while the fence command runs: reading changes nothing, and
-    # nothing below acts before the fence succeeded. Each VM task re-reads its VM again before acting.
-    vms_read: Future[list[VmView]] | None = None
-    if policy.host_action != "none":
-        vms_read = _READS.submit(rt.oned.vm_pool_set, host.vm_ids, extended=True)
-        if policy.host_action == "migrate":
-            _READS.submit(rt.oned.shared_system_datastores)
+            return flow.hold(reason, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
+    paused = flow.rt.pause_reason()
+    if paused is not None:
+        return flow.hold(paused, f"host {host.id} failed while recovery is paused ({paused}); held until "
+                                 "`oneha incidents resume`")
+    return None
+
+
+def _read_ahead(flow: Flow, host: HostView, policy: ClusterPolicy) -> Future[list[VmView]] | None:
+    """Read the VMs (and, for migrate, the datastores) while the fence command runs: reading changes nothing, and
+    nothing acts before the fence succeeded. Each VM task re-reads its VM again before acting."""
+    if policy.host_action == "none":
+        return None
+    vms_read = _READS.submit(flow.rt.oned.vm_pool_set, host.vm_ids, extended=True)
+    if policy.host_action == "migrate":
+        _READS.submit(flow.rt.oned.shared_system_datastores)
+    return vms_read
+
+
+def _fenced(flow: Flow, host: HostView, policy: ClusterPolicy, vms_read: Future[list[VmView]] | None) -> bool:
+    """Fence; on failure FENCE_FAILED with an alert, and no VM touched."""
+    rt, inc = flow.rt, flow.incident
     try:
         fence = fence_host(flow, host, policy)
     except BaseException:
@@ -274,8 +272,14 @@ def _host_flow(flow: Flow) -> str:
         rt.store.set_status(inc.id, Status.FENCE_FAILED, fence.detail or fence.result)
         rt.store.unschedule(inc.id)  # an operator must act; `oneha incidents approve` retries
         rt.hooks.alert(flow, f"fencing host {host.id} failed: {fence.detail}; no VM touched")
-        return "fence_failed"
+        return False
     rt.extend(inc.id, force=True)  # back to one lease: the fence's extra time is over
+    return True
+
+
+def _recover_vms(flow: Flow, host: HostView, policy: ClusterPolicy, vms_read: Future[list[VmView]] | None
+                 ) -> str:
+    rt, inc = flow.rt, flow.incident
     if policy.host_action == "none":
         rt.store.close(inc, Status.NO_ACTION, "host_action = none: fenced, VMs left to the operator")
         return "no_action"
@@ -289,83 +293,7 @@ def _host_flow(flow: Flow) -> str:
     return "dispatched"
 
 
-def _hold(flow: Flow, reason: str, alert: str) -> str:
-    """HELD, looked at again every `storm_recheck_s`; the alert only when it becomes held."""
-    rt, inc = flow.rt, flow.incident
-    if inc.status is not Status.HELD:
-        rt.hooks.alert(flow, alert)
-    rt.store.set_status(inc.id, Status.HELD, reason)
-    rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
-    return "held"
-
-
-def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
-    # One round trip: the incident and whether this VM is still pending.
-    pending_key = rt.keys.incident_pending_vms(incident_id)
-    pipe = rt.redis.pipeline(transaction=False)
-    pipe.hgetall(rt.keys.incident(incident_id))
-    pipe.sismember(pending_key, str(vm_id))
-    raw, pending = pipe.execute()
-    inc = Incident.from_hash(raw) if raw else None
-    if inc is None or not inc.status.is_open:
-        return "closed"
-    if not pending:
-        return "done"
-    rt.extend(incident_id)
-    flow = Flow(rt, inc, trail=[])
-    lease = rt.lease("vm", vm_id)
-    # The claim, the VM lease and "started" (a re-run then knows this task is not still queued): one round trip.
-    owner = claim_vm(flow, vm_id, lease, rt.keys.incident_started_vms(incident_id))
-    if owner != incident_id:
-        if lease.token is not None:
-            lease.release()
-        outcome_record = {"action": "none", "result": "skipped", "attempts": 0,
-                          "detail": f"in recovery by incident {owner}"}
-        _finish_vm(flow, vm_id, outcome_record)
-        return "skipped"
-    if lease.token is None:
-        return "busy"
-    lease.start_renewal()
-    try:
-        flow.lease = lease
-        policy = rt.settings.policy.for_cluster(inc.cluster_id)
-        budget = TASK_SOFT_TIME_LIMIT_S - 30
-        outcome = recover_vm_of_host(flow, vm_id, inc.resource_id, policy, budget)
-        flow.check_lease_local()
-        record = outcome.record()
-        pipe = rt.redis.pipeline(transaction=False)
-        rt.hooks.recovery(flow, vm_id, outcome.action, outcome.result, record, pipe=pipe)
-        _finish_vm(flow, vm_id, record, pipe)
-    except Paused:
-        lease.release()  # the VM stays pending: the host incident sends it again after `resume`
-        rt.store.audit(incident_id, "paused", vm=vm_id)
-        raise
-    except BaseException:
-        lease.release()  # the claim stays until it expires: a retry of this incident takes it again
-        raise
-    pipe = rt.redis.pipeline(transaction=False)
-    lease.release(pipe)
-    release_vm(flow, vm_id, pipe)
-    pipe.execute()
-    return outcome.result
-
-
-def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object], pipe: redis.client.Pipeline | None = None
-               ) -> None:
-    """Record the VM and take it off the pending set (one round trip, with whatever `pipe` already holds)."""
-    rt, inc = flow.rt, flow.incident
-    pipe = pipe if pipe is not None else rt.redis.pipeline(transaction=False)
-    pipe.hset(rt.keys.incident_vms(inc.id), str(vm_id), json.dumps(record, sort_keys=True))
-    pipe.eval(_FINISH_VM, 1, rt.keys.incident_pending_vms(inc.id), str(vm_id))
-    last = pipe.execute()[-1]
-    if int(last) == 1:
-        finish_incident(rt, inc.id)
-    else:
-        rt.extend(inc.id)
-
-
 __all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "fence_host", "finish_incident",
-           "list_vms_to_recover", "recover_host", "recover_host_vm", "redispatch_pending",
-           "storm_reason", "vm_queue_moving"]
+           "list_vms_to_recover", "recover_host", "redispatch_pending", "storm_reason", "vm_queue_moving"]
 
 

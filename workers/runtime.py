@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from oneha import heartbeat, redisconn
-from oneha.incidents import Incident, IncidentStore
+from oneha.incidents import Incident, IncidentStore, Status
 from oneha.keys import Keys
 from oneha.settings import Settings, load_settings
 from oneha.workers.hooks import Hooks
@@ -141,6 +141,19 @@ class Flow:
         """Between actions (waits, reads): the last renewal confirmed by Redis still covers now. No round trip."""
         if self.lease is not None:
             self.lease.check_local()
+
+    def recheck_later(self) -> None:
+        """Look at the incident again in `storm_recheck_s` (its due time): what a held or paused flow waits on."""
+        self.rt.store.schedule(self.incident.id, time.time() + self.rt.settings.worker.storm_recheck_s)
+
+    def hold(self, reason: str, alert: str | None = None) -> str:
+        """HELD (storm guard, operator's pause), looked at again every `storm_recheck_s`; `alert` said only when the
+        incident becomes held, not at each re-check."""
+        if alert is not None and self.incident.status is not Status.HELD:
+            self.rt.hooks.alert(self, alert)
+        self.rt.store.set_status(self.incident.id, Status.HELD, reason)
+        self.recheck_later()
+        return "held"
 
 
 _runtime: Runtime | None = None

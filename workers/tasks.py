@@ -78,7 +78,7 @@ def recover_host(self: Task, incident_id: int) -> str:
 
 @app.task(bind=True, name=TASK_RECOVER_VM, max_retries=MAX_RETRIES, acks_late=True)
 def recover_vm(self: Task, incident_id: int, vm_id: int) -> str:
-    from oneha.workers.host_flow import recover_host_vm as flow
+    from oneha.workers.vm_task import recover_host_vm as flow
 
     return run_task(self, flow, int(incident_id), int(vm_id))
 

@@ -17,10 +17,13 @@ from collections.abc import Callable
 
 from oneha.incidents import Kind, Status
 from oneha.opennebula import FAILURE_LCM_STATES, HOST_OPERATOR_STATES, LcmState, VmState, VmView
+from oneha.settings import ClusterPolicy
 from oneha.workers.hooks import step
 from oneha.workers.oned import OnedError
+from oneha.workers.outcomes import Action, Result
 from oneha.workers.runtime import Flow, Paused, Runtime
-from oneha.workers.vm_steps import act, claim_vm, confirm, release_vm
+from oneha.workers.vm_loop import WAIT, Decision, LoopEnd, LoopState, Verdict, VmLoopKind, call, run_vm_loop, stop
+from oneha.workers.vm_steps import claim_vm, release_vm
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +49,21 @@ def handle_vm_incident(rt: Runtime, incident_id: int) -> str:
             if not exc.missing:
                 raise
             # Deleted from oned: nothing left to do, and raising would re-dispatch it every lease for ever.
-            return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "none", "gone", handled=False)
+            return _close(flow, Status.NO_ACTION, "VM no longer exists", None, Action.NONE, Result.GONE,
+                          handled=False)
         except Paused as exc:
-            rt.store.set_status(inc.id, Status.HELD, str(exc))
-            rt.store.schedule(inc.id, time.time() + rt.settings.worker.storm_recheck_s)
-            return "held"
+            return flow.hold(str(exc))
         finally:
             release_vm(flow, inc.resource_id)
 
 
-def _close(flow: Flow, status: Status, detail: str, vm: VmView | None, action: str, result: str,
+def _close(flow: Flow, status: Status, detail: str, vm: VmView | None, action: Action, result: Result,
            handled: bool = True, attempts: int = 0) -> str:
     rt, inc = flow.rt, flow.incident
     token = inc.extra.get("token") or (str(vm.history_seq) if vm is not None else "")
     record = {"action": action, "result": result, "attempts": attempts, "detail": detail,
               "final_state": vm.state_name if vm is not None else "", "seconds": round(time.time() - inc.opened_at, 3)}
-    if action != "none" or result not in ("no_action",):
+    if action != Action.NONE or result != Result.NO_ACTION:
         rt.store.record_vm(inc.id, inc.resource_id, record)
         rt.hooks.recovery(flow, inc.resource_id, action, result, record)
     rt.store.close(inc, status, detail, handled=handled, handled_token=token if handled else "")
@@ -94,7 +96,7 @@ def _loop_stop(flow: Flow, vm: VmView, what: str) -> str | None:
     flow.rt.hooks.alert(flow, f"VM {vm.id} {what} after {done_before} recoveries within "
                               f"{w.vm_failure_window_s:g}s: left in {vm.state_name}")
     return _close(flow, Status.FAILED, f"loop protection: {done_before} recoveries within the window", vm,
-                  "none", "loop_protection")
+                  Action.NONE, Result.LOOP_PROTECTION)
 
 
 def _count_recovery(flow: Flow, vm_id: int) -> None:
@@ -106,66 +108,96 @@ def _count_recovery(flow: Flow, vm_id: int) -> None:
     pipe.execute()
 
 
+def _no_action(flow: Flow, detail: str, vm: VmView, handled: bool = True) -> str:
+    return _close(flow, Status.NO_ACTION, detail, vm, Action.NONE, Result.NO_ACTION, handled=handled)
+
+
+def _claimed(flow: Flow, vm: VmView) -> str | None:
+    """Claim the VM for this incident; the task's result when another incident recovers it."""
+    owner = claim_vm(flow, vm.id)
+    if owner == flow.incident.id:
+        return None
+    return _no_action(flow, f"in recovery by incident {owner}", vm, handled=False)
+
+
+class _IncidentVm(VmLoopKind):
+    """A VM of a VM incident: read whole with `one.vm.info`; a call that was (or may have been) applied marks the
+    incident `acted_at` (a re-run then knows it acted); counted by the loop protection when `counted`."""
+
+    def __init__(self, counted: bool) -> None:
+        self.counted = counted
+
+    def read(self, flow: Flow, vm_id: int) -> VmView | None:
+        return flow.rt.oned.vm_info(vm_id)
+
+    def before_call(self, flow: Flow, vm: VmView, action: Action) -> None:
+        if self.counted:
+            _count_recovery(flow, vm.id)
+
+    def after_call(self, flow: Flow) -> None:
+        flow.rt.store.set_fields(flow.incident.id, acted_at=round(time.time(), 3))
+
+
+class _FailedVm(_IncidentVm):
+    def __init__(self, first: VmView, action: Action, max_attempts: int) -> None:
+        super().__init__(counted=True)
+        self.seq, self.action, self.max_attempts = first.history_seq, action, max_attempts
+
+    def decide(self, vm: VmView | None, st: LoopState) -> Decision:
+        assert vm is not None  # `one.vm.info` raises for a VM that is gone
+        return decide_failed_vm(vm, st, self.action, self.max_attempts)
+
+    def verdict(self, vm: VmView, action: Action) -> Verdict:
+        def settled(v: VmView) -> bool | None:
+            if action is Action.DELETE:
+                return True if v.state == VmState.DONE else None
+            return True if (not is_failed(v) or v.history_seq != self.seq) else None
+
+        return settled
+
+
+def decide_failed_vm(vm: VmView, st: LoopState, action: Action, max_attempts: int) -> Decision:
+    """A VM in a *_FAILURE state: `action` until it is not failed any more, at most `max_attempts` times."""
+    if st.settled:
+        return stop(Result.RECOVERED, action, f"{action}: now {vm.state_name}")
+    if not is_failed(vm):
+        return stop(Result.RECOVERED, action, f"now {vm.state_name}")
+    if st.attempts >= max_attempts:
+        return stop(Result.FAILED, action, f"still {vm.state_name} after {st.attempts} attempts")
+    return call(action, f"{vm.state_name}")
+
+
+def _close_loop(flow: Flow, end: LoopEnd, recovered_handled: bool) -> str:
+    """Close the incident with the VM loop's result."""
+    if end.result is Result.DRY_RUN:
+        return _close(flow, Status.NO_ACTION, f"dry run: would {end.action}", end.vm, end.action, end.result,
+                      handled=False)
+    if end.result is Result.GONE:
+        return _close(flow, Status.NO_ACTION, "VM no longer exists", None, end.action, end.result)
+    status = Status.RECOVERED if end.result is Result.RECOVERED else Status.FAILED
+    handled = recovered_handled or status is not Status.RECOVERED
+    return _close(flow, status, end.detail, end.vm, end.action, end.result, handled=handled, attempts=end.attempts)
+
+
 def vm_failure_flow(flow: Flow) -> str:
+    """check the VM is failed -> opt-out / policy -> claim_vm -> loop protection -> the VM loop (recreate | delete)."""
     rt, inc = flow.rt, flow.incident
-    w = rt.settings.worker
-    vid = inc.resource_id
     policy = rt.settings.policy.for_cluster(inc.cluster_id)
-    vm = rt.oned.vm_info(vid)
+    action = Action(policy.vm_failure_action)
+    vm = rt.oned.vm_info(inc.resource_id)
     if not is_failed(vm):
         if inc.extra.get("acted_at"):
-            return _close(flow, Status.RECOVERED, f"recovered: now {vm.state_name}", vm,
-                          policy.vm_failure_action, "recovered")
-        return _close(flow, Status.NO_ACTION, f"not in a failure state: {vm.state_name}", vm, "none", "no_action",
-                      handled=False)
+            return _close(flow, Status.RECOVERED, f"recovered: now {vm.state_name}", vm, action, Result.RECOVERED)
+        return _no_action(flow, f"not in a failure state: {vm.state_name}", vm, handled=False)
     if vm.ha_opt_out:  # whatever opened the incident may have read a short pool body, which does not show HA
-        return _close(flow, Status.NO_ACTION, "opted out: HA = NO", vm, "none", "no_action")
-    if policy.vm_failure_action == "none":
-        return _close(flow, Status.NO_ACTION, "vm_failure_action = none", vm, "none", "no_action")
-    owner = claim_vm(flow, vid)
-    if owner != inc.id:
-        return _close(flow, Status.NO_ACTION, f"in recovery by incident {owner}", vm, "none", "no_action",
-                      handled=False)
-    stopped = _loop_stop(flow, vm, "failed again")
+        return _no_action(flow, "opted out: HA = NO", vm)
+    if action is Action.NONE:
+        return _no_action(flow, "vm_failure_action = none", vm)
+    stopped = _claimed(flow, vm) or _loop_stop(flow, vm, "failed again")
     if stopped is not None:
         return stopped
-    action = policy.vm_failure_action
-    seq = vm.history_seq
-    attempts = 0
-    while attempts < w.vm_attempts:
-        if not is_failed(vm):
-            break
-        attempts += 1
-        _count_recovery(flow, vid)
-        outcome = act(flow, vm, action)
-        if outcome == "dry_run":
-            return _close(flow, Status.NO_ACTION, f"dry run: would {action}", vm, action, "dry_run", handled=False)
-        if outcome == "gone":
-            return _close(flow, Status.NO_ACTION, "VM no longer exists", None, action, "gone")
-        if outcome in ("done", "unknown"):  # unknown: it may have been applied; the re-read tells
-            rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
-
-            def settled(v: VmView) -> bool | None:
-                if action == "delete":
-                    return True if v.state == VmState.DONE else None
-                return True if (not is_failed(v) or v.history_seq != seq) else None
-
-            seen = confirm(flow, vid, settled, w.confirm_timeout_s, before=vm)
-            if seen is not None and not settled(seen):
-                vm = seen  # oned accepted the call and did nothing: decide again
-                continue
-            if seen is not None or action == "delete":
-                final = seen or vm
-                if action == "delete" and seen is None:
-                    vm = rt.oned.vm_info(vid)
-                    continue
-                return _close(flow, Status.RECOVERED, f"{action}: now {final.state_name}", final, action,
-                              "recovered", attempts=attempts)
-        vm = rt.oned.vm_info(vid)
-    if not is_failed(vm):
-        return _close(flow, Status.RECOVERED, f"now {vm.state_name}", vm, action, "recovered", attempts=attempts)
-    return _close(flow, Status.FAILED, f"still {vm.state_name} after {attempts} attempts", vm, action, "failed",
-                  attempts=attempts)
+    kind = _FailedVm(vm, action, rt.settings.worker.vm_attempts)
+    return _close_loop(flow, run_vm_loop(flow, vm.id, kind, LoopState(), vm), recovered_handled=True)
 
 
 @step("check_crash_owner")
@@ -214,59 +246,62 @@ def resumed(before: VmView) -> Callable[[VmView], bool | None]:
     return verdict
 
 
+class _CrashedVm(_IncidentVm):
+    confirm_after_refusal = True  # a refused resume: wait for the VM to show where it went before acting again
+
+    def __init__(self, poweroff: bool, max_attempts: int) -> None:
+        super().__init__(counted=poweroff)
+        self.max_attempts = max_attempts
+
+    def decide(self, vm: VmView | None, st: LoopState) -> Decision:
+        assert vm is not None  # `one.vm.info` raises for a VM that is gone
+        return decide_crashed_vm(vm, st, self.max_attempts)
+
+    def verdict(self, vm: VmView, action: Action) -> Verdict:
+        return resumed(vm)
+
+
+def decide_crashed_vm(vm: VmView, st: LoopState, max_attempts: int) -> Decision:
+    """Resume until RUNNING, at most `max_attempts` times; a VM neither ours to resume nor settling is reported."""
+    if is_running(vm):
+        return stop(Result.RECOVERED, Action.RESUME, "resumed: RUNNING")
+    if st.attempts >= max_attempts or st.waited_out:
+        return stop(Result.FAILED, Action.RESUME, f"still {vm.state_name} after {st.attempts} resumes")
+    if needs_resume(vm) or (st.attempts > 0 and vm.state == VmState.POWEROFF):
+        return call(Action.RESUME, vm.state_name)
+    return WAIT  # neither crashed nor running: settling (an operator took over?); wait once, then report
+
+
 def vm_crash_flow(flow: Flow) -> str:
     """UNKNOWN on a healthy host, or a POWEROFF nobody asked for: resume on the same host, per policy.
 
-    The second is counted by the VM loop protection (a guest that keeps powering itself off is resumed at most
-    `vm_failure_max_recoveries` times per window, then left off with an alert)."""
+    check it crashed -> opt-out -> check_crash_owner -> policy -> claim_vm -> loop protection (POWEROFF only) ->
+    the VM loop (resume). The POWEROFF case is counted by the VM loop protection (a guest that keeps powering itself
+    off is resumed at most `vm_failure_max_recoveries` times per window, then left off with an alert)."""
     rt, inc = flow.rt, flow.incident
-    w = rt.settings.worker
-    vid = inc.resource_id
     policy = rt.settings.policy.for_cluster(inc.cluster_id)
-    vm = rt.oned.vm_info(vid)
+    vm = rt.oned.vm_info(inc.resource_id)
     if not needs_resume(vm):
         if inc.extra.get("acted_at") and is_running(vm):
-            return _close(flow, Status.RECOVERED, "resumed", vm, "resume", "recovered", handled=False)
-        return _close(flow, Status.NO_ACTION, f"not crashed: {vm.state_name}", vm, "none", "no_action",
-                      handled=False)
+            return _close(flow, Status.RECOVERED, "resumed", vm, Action.RESUME, Result.RECOVERED, handled=False)
+        return _no_action(flow, f"not crashed: {vm.state_name}", vm, handled=False)
     if vm.ha_opt_out:
-        return _close(flow, Status.NO_ACTION, "opted out: HA = NO", vm, "none", "no_action")
-    owner_reason = check_crash_owner(flow, vm)
-    if owner_reason is not None:
-        return _close(flow, Status.NO_ACTION, owner_reason, vm, "none", "no_action")
+        return _no_action(flow, "opted out: HA = NO", vm)
+    refused = check_crash_owner(flow, vm) or _crash_policy_refuses(vm, policy)
+    if refused is not None:
+        return _no_action(flow, refused, vm)
     poweroff = vm.state == VmState.POWEROFF
-    if poweroff and policy.vm_poweroff_action == "off":
-        return _close(flow, Status.NO_ACTION, "vm_poweroff_action = off", vm, "none", "no_action")
-    if not poweroff and policy.vm_crash_action == "none":
-        return _close(flow, Status.NO_ACTION, "vm_crash_action = none", vm, "none", "no_action")
-    owner = claim_vm(flow, vid)
-    if owner != inc.id:
-        return _close(flow, Status.NO_ACTION, f"in recovery by incident {owner}", vm, "none", "no_action",
-                      handled=False)
-    stopped = _loop_stop(flow, vm, "powered off again without anyone asking") if poweroff else None
+    again = "powered off again without anyone asking"
+    stopped = _claimed(flow, vm) or (_loop_stop(flow, vm, again) if poweroff else None)
     if stopped is not None:
         return stopped
-    attempts = 0
-    while attempts < w.vm_attempts and not is_running(vm):
-        acting = needs_resume(vm) or (attempts > 0 and vm.state == VmState.POWEROFF)
-        if acting:
-            attempts += 1
-            if poweroff:
-                _count_recovery(flow, vid)
-            outcome = act(flow, vm, "resume")
-            if outcome == "dry_run":
-                return _close(flow, Status.NO_ACTION, "dry run: would resume", vm, "resume", "dry_run",
-                              handled=False)
-            if outcome == "gone":
-                return _close(flow, Status.NO_ACTION, "VM no longer exists", None, "resume", "gone")
-            if outcome in ("done", "unknown"):  # unknown: it may have been applied; the re-read tells
-                rt.store.set_fields(inc.id, acted_at=round(time.time(), 3))
-        seen = confirm(flow, vid, resumed(vm), w.confirm_timeout_s, before=vm if acting else None)
-        vm = seen if seen is not None else rt.oned.vm_info(vid)
-        if seen is None and not acting:
-            break  # neither ours to resume nor settling (an operator took over?): report, do not spin
-    if is_running(vm):
-        return _close(flow, Status.RECOVERED, "resumed: RUNNING", vm, "resume", "recovered", handled=False,
-                      attempts=attempts)
-    return _close(flow, Status.FAILED, f"still {vm.state_name} after {attempts} resumes", vm, "resume", "failed",
-                  attempts=attempts)
+    kind = _CrashedVm(poweroff, rt.settings.worker.vm_attempts)
+    return _close_loop(flow, run_vm_loop(flow, vm.id, kind, LoopState(), vm), recovered_handled=False)
+
+
+def _crash_policy_refuses(vm: VmView, policy: ClusterPolicy) -> str | None:
+    if vm.state == VmState.POWEROFF and policy.vm_poweroff_action == "off":
+        return "vm_poweroff_action = off"
+    if vm.state != VmState.POWEROFF and policy.vm_crash_action == "none":
+        return "vm_crash_action = none"
+    return None

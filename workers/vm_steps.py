@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import redis
 
@@ -28,6 +27,7 @@ from oneha.waiting import WaitTimeout, wait_until
 from oneha.workers.hooks import step
 from oneha.workers.lock import Lease
 from oneha.workers.oned import OnedError
+from oneha.workers.outcomes import Action, CallOutcome
 from oneha.workers.runtime import Flow
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,12 @@ def select_vms(vms: Iterable[VmView], host_id: int, include_suspended: bool) -> 
     return chosen, [v for v in on_host if v.ha_opt_out]
 
 
-def has_left_host(vm: VmView, host_id: int, action: str | None = None) -> bool:
+def has_left_host(vm: VmView, host_id: int, action: Action | None = None) -> bool:
     """The VM is no longer the failed host's problem: PENDING, on its way, or placed on another host.
 
     For a delete only DONE counts. A VM in a *_FAILURE state has not left (a failed migration, for instance).
     """
-    if action == "delete":
+    if action == Action.DELETE:  # == : callers may pass the bare string
         return vm.state == VmState.DONE
     if vm.state == VmState.ACTIVE:
         if vm.lcm_state in FAILURE_LCM_STATES:
@@ -75,10 +75,10 @@ def in_transition(vm: VmView) -> bool:
 
 
 def choose_action(vm: VmView, policy: ClusterPolicy, shared_ds: frozenset[int], migrate_failed: bool = False
-                  ) -> tuple[str, str]:
+                  ) -> tuple[Action, str]:
     """(action, why) for a VM of a failed host: migrate | recreate | delete | none | report."""
-    action = policy.host_action
-    if action != "migrate":
+    action = Action(policy.host_action)
+    if action is not Action.MIGRATE:
         return action, f"policy {action}"
     reason = ""
     if migrate_failed:
@@ -88,10 +88,12 @@ def choose_action(vm: VmView, policy: ClusterPolicy, shared_ds: frozenset[int], 
     elif vm.state == VmState.SUSPENDED:
         reason = "resched is not accepted from SUSPENDED"
     if not reason:
-        return "migrate", "shared system datastore"
+        return Action.MIGRATE, "shared system datastore"
     if vm.resched:
-        return "migrate", "already rescheduled"
-    return ("recreate", f"fallback: {reason}") if policy.migrate_fallback == "recreate" else ("report", reason)
+        return Action.MIGRATE, "already rescheduled"
+    if policy.migrate_fallback == "recreate":
+        return Action.RECREATE, f"fallback: {reason}"
+    return Action.REPORT, reason
 
 
 # Steps -----------------------------------------------------------------------------------------------------------
@@ -178,10 +180,11 @@ def resume_vm(flow: Flow, vm: VmView) -> bool:
     return _mutate(flow, vm, "resume", lambda: flow.rt.oned.vm_action("resume", vm.id))
 
 
-ACTIONS = {"recreate": recreate_vm, "delete": delete_vm, "migrate": migrate_vm, "resume": resume_vm}
+ACTIONS = {Action.RECREATE: recreate_vm, Action.DELETE: delete_vm, Action.MIGRATE: migrate_vm,
+           Action.RESUME: resume_vm}
 
 
-def act(flow: Flow, vm: VmView, action: str) -> str:
+def act(flow: Flow, vm: VmView, action: Action) -> CallOutcome:
     """Run one mutating step: 'done', 'dry_run', 'wrong_state' (re-read and decide again), 'gone', or 'unknown'.
 
     'unknown': oned did not answer; it may have applied the call or may still do so. Nothing is sent again here:
@@ -189,18 +192,18 @@ def act(flow: Flow, vm: VmView, action: str) -> str:
     decides again from what oned shows then, exactly as after a worker died right after acting.
     """
     try:
-        return "done" if ACTIONS[action](flow, vm) else "dry_run"
+        return CallOutcome.DONE if ACTIONS[action](flow, vm) else CallOutcome.DRY_RUN
     except OnedError as exc:
         if exc.kind is ErrorKind.UNKNOWN:
             log.warning("incident %s: %s on VM %s: outcome unknown (%s); re-reading before deciding again",
                         flow.incident.id, action, vm.id, exc)
             flow.rt.store.audit(flow.incident.id, "outcome_unknown", vm=vm.id, action=action)
             flow.rt.oned.settle(vm.id)
-            return "unknown"
+            return CallOutcome.UNKNOWN
         if exc.kind is ErrorKind.WRONG_STATE:
-            return "wrong_state"
+            return CallOutcome.WRONG_STATE
         if exc.missing:
-            return "gone"
+            return CallOutcome.GONE
         raise
 
 
@@ -238,10 +241,8 @@ def confirm(flow: Flow, vm_id: int, done: object, timeout_s: float, before: VmVi
     return found[0]
 
 
-@step("confirm_vm_left_host")
-def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: str, timeout_s: float,
-                         before: VmView | None = None) -> VmView | None:
-    """Wait until the VM left the host (PENDING / on its way / placed elsewhere; DONE for delete) or failed."""
+def left_host_verdict(host_id: int, action: Action) -> Callable[[VmView], bool | None]:
+    """Settled once the VM left the host (PENDING / on its way / placed elsewhere; DONE for delete), or failed."""
 
     def verdict(vm: VmView) -> bool | None:
         if has_left_host(vm, host_id, action):
@@ -250,85 +251,11 @@ def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: str, time
             return False
         return None
 
-    return confirm(flow, vm_id, verdict, timeout_s, before)
+    return verdict
 
 
-@dataclass
-class VmOutcome:
-    action: str
-    result: str  # recovered | dry_run | not_recoverable | left_on_host | failed | gone | timeout
-    attempts: int
-    detail: str
-    started_at: float
-    acted_at: float | None
-    confirmed_at: float | None
-    final_state: str = ""
-
-    def record(self) -> dict[str, object]:
-        return {"action": self.action, "result": self.result, "attempts": self.attempts, "detail": self.detail,
-                "started_at": round(self.started_at, 3),
-                "acted_at": round(self.acted_at, 3) if self.acted_at else None,
-                "confirmed_at": round(self.confirmed_at, 3) if self.confirmed_at else None,
-                "seconds": round((self.confirmed_at or time.time()) - self.started_at, 3),
-                "final_state": self.final_state}
-
-
-def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPolicy, budget_s: float) -> VmOutcome:
-    """Recover one VM of a failed host: re-read, decide, act, confirm; retry up to `vm_attempts`."""
-    w = flow.rt.settings.worker
-    started = time.time()
-    deadline = time.monotonic() + budget_s
-    attempts = 0
-    action = "none"
-    acted_at: float | None = None
-    migrate_failed = False
-    detail = ""
-    seen: VmView | None = None  # the confirm step's read, if it already says the VM left
-    ignored = ""  # said in the detail once oned accepted a call and did nothing with it
-    while True:
-        vm = seen if seen is not None else read_vm(flow, vm_id)
-        seen = None
-        if vm is None:
-            return VmOutcome(action, "gone", attempts, "VM no longer exists", started, acted_at, time.time())
-        if has_left_host(vm, host_id, action if action == "delete" else None):
-            return VmOutcome(action if attempts else "none", "recovered", attempts,
-                             detail or "already left the host", started, acted_at, time.time(), vm.state_name)
-        if attempts >= w.vm_attempts or time.monotonic() >= deadline:
-            result = "failed" if attempts >= w.vm_attempts else "timeout"
-            return VmOutcome(action, result, attempts, detail or f"still {vm.state_name}", started, acted_at, None,
-                             vm.state_name)
-        if vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.PROLOG_MIGRATE_UNKNOWN_FAILURE:
-            migrate_failed = True
-        acted_on: VmView | None = None  # the VM as it was when a call was accepted (see `confirm`)
-        if in_transition(vm):
-            outcome = "waiting"
-        else:
-            shared = flow.rt.oned.shared_system_datastores() if policy.host_action == "migrate" else frozenset()
-            action, why = choose_action(vm, policy, shared, migrate_failed)
-            if action == "none":
-                return VmOutcome(action, "left_on_host", attempts, why, started, None, None, vm.state_name)
-            if action == "report":
-                return VmOutcome(action, "not_recoverable", attempts, why, started, None, None, vm.state_name)
-            attempts += 1
-            outcome = act(flow, vm, action)
-            detail = why + ignored
-            if outcome == "dry_run":
-                return VmOutcome(action, "dry_run", attempts, why, started, None, None, vm.state_name)
-            if outcome == "gone":
-                continue
-            if outcome == "wrong_state":
-                detail = f"{why}; oned refused in {vm.state_name}"
-                continue  # re-read and decide again
-            if outcome == "unknown":
-                detail = f"{why}; outcome of the call unknown"
-            acted_at = time.time()  # (or may have been, if unknown): the confirm step re-reads and tells
-            acted_on = None if action == "migrate" and vm.resched else vm  # already resched'ed: nothing was sent
-        remaining = max(0.1, min(w.confirm_timeout_s, deadline - time.monotonic()))
-        settled = confirm_vm_left_host(flow, vm_id, host_id, action, remaining, acted_on)
-        if settled is not None and acted_on is not None and unchanged(settled, acted_on):
-            ignored = f"; oned accepted {action} and changed nothing"
-        if settled is not None and settled.state == VmState.ACTIVE and settled.lcm_state in FAILURE_LCM_STATES:
-            detail = f"{detail}; ended in {settled.state_name}"
-        elif settled is not None and has_left_host(settled, host_id, action if action == "delete" else None):
-            seen = settled  # a read made after the action that shows it done: no need to read it again
-        # loop: the (re-)read at the top decides whether it is done; anything that acts again reads afresh
+@step("confirm_vm_left_host")
+def confirm_vm_left_host(flow: Flow, vm_id: int, host_id: int, action: Action, timeout_s: float,
+                         before: VmView | None = None) -> VmView | None:
+    """Wait until the VM left the host (PENDING / on its way / placed elsewhere; DONE for delete) or failed."""
+    return confirm(flow, vm_id, left_host_verdict(host_id, action), timeout_s, before)

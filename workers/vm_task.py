@@ -1,0 +1,239 @@
+"""The VM task of a host incident (TASK_RECOVER_VM): one per VM of a failed host, sent in priority order.
+
+    recover_host_vm(incident, vm)
+      claim_vm -> run_vm_loop(HostVm: re-read, decide, act, confirm_vm_left_host)* -> record
+      -> the task that empties the incident's pending set closes the incident (finish_incident)
+
+Idempotent: the pending set says whether the VM still needs a task, the claim (`vm_recovering`) whether another
+incident recovers it, the VM lease whether another copy of this task runs; every call re-reads the VM first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from oneha.celeryconf import TASK_SOFT_TIME_LIMIT_S
+from oneha.incidents import Incident, Status
+from oneha.opennebula import LcmState, VmState, VmView
+from oneha.settings import ClusterPolicy
+from oneha.workers.lock import Lease
+from oneha.workers.outcomes import OK_RESULTS, Action, Result
+from oneha.workers.runtime import Flow, Paused, Runtime
+from oneha.workers.vm_loop import WAIT, Decision, LoopEnd, LoopState, Verdict, VmLoopKind, call, run_vm_loop, stop
+from oneha.workers.vm_steps import (
+    choose_action,
+    claim_vm,
+    confirm_vm_left_host,
+    has_left_host,
+    in_transition,
+    left_host_verdict,
+    read_vm,
+    release_vm,
+)
+
+
+@dataclass
+class VmOutcome:
+    action: str
+    result: str  # a Result
+    attempts: int
+    detail: str
+    started_at: float
+    acted_at: float | None
+    confirmed_at: float | None
+    final_state: str = ""
+
+    def record(self) -> dict[str, object]:
+        return {"action": self.action, "result": self.result, "attempts": self.attempts, "detail": self.detail,
+                "started_at": round(self.started_at, 3),
+                "acted_at": round(self.acted_at, 3) if self.acted_at else None,
+                "confirmed_at": round(self.confirmed_at, 3) if self.confirmed_at else None,
+                "seconds": round((self.confirmed_at or time.time()) - self.started_at, 3),
+                "final_state": self.final_state}
+
+
+def decide_host_vm(vm: VmView | None, st: LoopState, host_id: int, policy: ClusterPolicy, max_attempts: int,
+                   migrate_failed: bool, shared_ds: Callable[[], frozenset[int]]) -> Decision:
+    """The decision for a VM of a failed host, from the VM as read and the loop's state."""
+    if vm is None:
+        return stop(Result.GONE, st.action, "VM no longer exists")
+    if has_left_host(vm, host_id, st.action if st.action is Action.DELETE else None):
+        return stop(Result.RECOVERED, st.action if st.attempts else Action.NONE,
+                    st.detail or "already left the host")
+    if st.attempts >= max_attempts or time.monotonic() >= st.deadline:
+        result = Result.FAILED if st.attempts >= max_attempts else Result.TIMEOUT
+        return stop(result, st.action, st.detail or f"still {vm.state_name}")
+    if in_transition(vm):
+        return WAIT
+    shared = shared_ds() if policy.host_action == "migrate" else frozenset[int]()
+    action, why = choose_action(vm, policy, shared, migrate_failed)
+    if action is Action.NONE:
+        return stop(Result.LEFT_ON_HOST, action, why)
+    if action is Action.REPORT:
+        return stop(Result.NOT_RECOVERABLE, action, why)
+    return call(action, why)
+
+
+class HostVm(VmLoopKind):
+    """A VM of a failed host: read through the batched reader; settled once it left the host."""
+
+    def __init__(self, flow: Flow, host_id: int, policy: ClusterPolicy) -> None:
+        self.flow, self.host_id, self.policy = flow, host_id, policy
+        self.migrate_failed = False
+
+    def read(self, flow: Flow, vm_id: int) -> VmView | None:
+        return read_vm(flow, vm_id)
+
+    def decide(self, vm: VmView | None, st: LoopState) -> Decision:
+        if vm is not None and vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.PROLOG_MIGRATE_UNKNOWN_FAILURE:
+            self.migrate_failed = True
+        return decide_host_vm(vm, st, self.host_id, self.policy, self.flow.rt.settings.worker.vm_attempts,
+                              self.migrate_failed, self.flow.rt.oned.shared_system_datastores)
+
+    def verdict(self, vm: VmView, action: Action) -> Verdict:
+        return left_host_verdict(self.host_id, action)
+
+    def wait(self, flow: Flow, vm_id: int, action: Action, verdict: Verdict, timeout_s: float,
+             before: VmView | None) -> VmView | None:
+        return confirm_vm_left_host(flow, vm_id, self.host_id, action, timeout_s, before)
+
+    def reuse(self, seen: VmView, st: LoopState) -> bool:
+        """Only a read that shows the VM gone from the host is taken as it is; anything that acts reads afresh."""
+        return has_left_host(seen, self.host_id, st.action if st.action is Action.DELETE else None)
+
+
+_AT_THE_END = (Result.GONE, Result.RECOVERED)  # results confirmed by the read that ended the loop
+_AFTER_ACTING = (*_AT_THE_END, Result.FAILED, Result.TIMEOUT)  # results that keep when we acted
+
+
+def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPolicy, budget_s: float) -> VmOutcome:
+    """Recover one VM of a failed host: re-read, decide, act, confirm; retry up to `vm_attempts`."""
+    started = time.time()
+    st = LoopState(deadline=time.monotonic() + budget_s)
+    end = run_vm_loop(flow, vm_id, HostVm(flow, host_id, policy), st)
+    return outcome_of(end, started)
+
+
+def outcome_of(end: LoopEnd, started: float) -> VmOutcome:
+    return VmOutcome(end.action, end.result, end.attempts, end.detail, started,
+                     end.acted_at if end.result in _AFTER_ACTING else None,
+                     time.time() if end.result in _AT_THE_END else None,
+                     end.vm.state_name if end.vm is not None else "")
+
+
+# Task body -----------------------------------------------------------------------------------------------------------
+def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
+    inc, pending = _incident_if_pending(rt, incident_id, vm_id)
+    if inc is None or not inc.status.is_open:
+        return "closed"
+    if not pending:
+        return "done"
+    rt.extend(incident_id)
+    flow = Flow(rt, inc, trail=[])
+    lease = rt.lease("vm", vm_id)
+    # The claim, the VM lease and "started" (a re-run then knows this task is not still queued): one round trip.
+    owner = claim_vm(flow, vm_id, lease, rt.keys.incident_started_vms(incident_id))
+    if owner != incident_id:
+        if lease.token is not None:
+            lease.release()
+        outcome_record = {"action": Action.NONE, "result": Result.SKIPPED, "attempts": 0,
+                          "detail": f"in recovery by incident {owner}"}
+        _finish_vm(flow, vm_id, outcome_record)
+        return Result.SKIPPED
+    if lease.token is None:
+        return "busy"
+    result = _recover_leased(flow, vm_id, lease)
+    pipe = rt.redis.pipeline(transaction=False)
+    lease.release(pipe)
+    release_vm(flow, vm_id, pipe)
+    pipe.execute()
+    return result
+
+
+def _incident_if_pending(rt: Runtime, incident_id: int, vm_id: int) -> tuple[Incident | None, bool]:
+    """One round trip: the incident and whether this VM is still pending."""
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.hgetall(rt.keys.incident(incident_id))
+    pipe.sismember(rt.keys.incident_pending_vms(incident_id), str(vm_id))
+    raw, pending = pipe.execute()
+    return (Incident.from_hash(raw) if raw else None), bool(pending)
+
+
+def _recover_leased(flow: Flow, vm_id: int, lease: Lease) -> str:
+    """With the VM claimed and leased: the loop, then its record (the lease released on any failure)."""
+    rt, inc = flow.rt, flow.incident
+    lease.start_renewal()
+    try:
+        flow.lease = lease
+        policy = rt.settings.policy.for_cluster(inc.cluster_id)
+        budget = TASK_SOFT_TIME_LIMIT_S - 30
+        outcome = recover_vm_of_host(flow, vm_id, inc.resource_id, policy, budget)
+        flow.check_lease_local()
+        record = outcome.record()
+        pipe = rt.redis.pipeline(transaction=False)
+        rt.hooks.recovery(flow, vm_id, outcome.action, outcome.result, record, pipe=pipe)
+        _finish_vm(flow, vm_id, record, pipe)
+    except Paused:
+        lease.release()  # the VM stays pending: the host incident sends it again after `resume`
+        rt.store.audit(inc.id, "paused", vm=vm_id)
+        raise
+    except BaseException:
+        lease.release()  # the claim stays until it expires: a retry of this incident takes it again
+        raise
+    return outcome.result
+
+
+# KEYS: pending set. ARGV: vm id. Remove it; 1 if we removed the last one (we close), else 0.
+_FINISH_VM = """
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
+"""
+
+
+def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object], pipe: redis.client.Pipeline | None = None
+               ) -> None:
+    """Record the VM and take it off the pending set (one round trip, with whatever `pipe` already holds)."""
+    rt, inc = flow.rt, flow.incident
+    pipe = pipe if pipe is not None else rt.redis.pipeline(transaction=False)
+    pipe.hset(rt.keys.incident_vms(inc.id), str(vm_id), json.dumps(record, sort_keys=True))
+    pipe.eval(_FINISH_VM, 1, rt.keys.incident_pending_vms(inc.id), str(vm_id))
+    last = pipe.execute()[-1]
+    if int(last) == 1:
+        finish_incident(rt, inc.id)
+    else:
+        rt.extend(inc.id)
+
+
+def without_record(rt: Runtime, inc: Incident) -> set[int]:
+    """VMs the incident chose (its `order`) that have no record."""
+    chosen = {int(v) for v in json.loads(inc.extra.get("order", "[]"))}
+    return chosen - set(rt.store.vm_records(inc.id)) if chosen else set()
+
+
+def finish_incident(rt: Runtime, incident_id: int) -> Status | None:
+    """Close a host incident once every selected VM has its record: RECOVERED, or PARTIAL with the failures (a VM
+    chosen but without a record — lost with Redis — counts as not recovered, never as nothing)."""
+    inc = rt.store.get(incident_id)
+    if inc is None or not inc.status.is_open:
+        return None
+    records: dict[int, dict[str, object]] = {v: {"result": Result.NO_RECORD} for v in without_record(rt, inc)}
+    records.update(rt.store.vm_records(incident_id))
+    bad = {vid: r.get("result") for vid, r in records.items() if r.get("result") not in OK_RESULTS}
+    if bad:
+        status = Status.PARTIAL
+        detail = f"{len(records) - len(bad)}/{len(records)} VMs recovered; not: " + ", ".join(
+            f"{v}:{r}" for v, r in sorted(bad.items())[:20])
+    elif records and all(r.get("result") == Result.DRY_RUN for r in records.values()):
+        status = Status.NO_ACTION  # a drill: nothing was changed, and the record must not say otherwise
+        detail = f"dry run: {len(records)} VMs would have been recovered; nothing changed in oned"
+    else:
+        status = Status.RECOVERED
+        detail = f"{len(records)} VMs recovered"
+    rt.store.close(inc, status, detail)
+    return status
