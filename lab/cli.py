@@ -7,42 +7,14 @@ import os
 import signal
 import sys
 import threading
-import xmlrpc.client
 from typing import Any
 
 import click
 
-from oneha.lab.sim import DEFAULT_SESSION, LabCloud
+from oneha.lab.client import DEFAULT_URL, LabCallError, lab_call
+from oneha.lab.sim import LabCloud
 
-DEFAULT_URL = "http://127.0.0.1:2633/RPC2"
-
-
-class LabCallError(RuntimeError):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def lab_call(url: str, method: str, *args: Any, session: str | None = None, timeout_s: float = 10.0) -> Any:
-    """Call a lab.* (or one.*) method and unwrap oned's `[ok, value, code, …]` reply."""
-    session = session or os.environ.get("ONEHA_LAB_SESSION", DEFAULT_SESSION)
-    transport = _TimeoutTransport(timeout_s)
-    with xmlrpc.client.ServerProxy(url, transport=transport) as proxy:
-        reply = getattr(proxy, method)(session, *args)
-    if not reply[0]:
-        raise LabCallError(str(reply[1]), int(reply[2]))
-    return reply[1]
-
-
-class _TimeoutTransport(xmlrpc.client.Transport):
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__()
-        self.timeout_s = timeout_s
-
-    def make_connection(self, host: Any) -> Any:
-        conn = super().make_connection(host)
-        conn.timeout = self.timeout_s
-        return conn
+__all__ = ["DEFAULT_URL", "LabCallError", "lab", "lab_call"]  # lab_call, LabCallError: the lab's client, here too
 
 
 @click.group(invoke_without_command=True)
@@ -63,6 +35,8 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
     Flower, a scripted scenario of failures, and a summary. Subcommands run or poke the lab cloud alone."""
     if ctx.invoked_subcommand is not None:
         return
+    # Lazy imports, deliberately: `oneha lab sim` and `oneha lab ctl` need neither the demo nor the stack (Celery,
+    # the subscriber), and `oneha` loads this module for its help.
     from oneha.lab.demo import main
     from oneha.lab.stack import StackOptions
 
@@ -92,7 +66,7 @@ def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monito
         step_delay: float, bind: str, seed: int, profile: str, host_side: bool,
         missing_state: str) -> None:
     """Run the lab cloud in the foreground until SIGINT/SIGTERM."""
-    from oneha.lab.timeline import profile_named
+    from oneha.lab.timeline import profile_named  # lazy: only `sim` needs the timelines
 
     try:
         timing = profile_named(profile)
@@ -100,7 +74,7 @@ def sim(hosts: int, vms: int, clusters: int, port: int, events_port: int, monito
         raise click.BadParameter(str(exc), param_hint="--profile") from None
     side = None
     if host_side:
-        from oneha.lab.hostside import HostSideOptions
+        from oneha.lab.hostside import HostSideOptions  # lazy: sushy-tools (Flask) only with --host-side
 
         side = HostSideOptions(seed=seed)
     cloud = LabCloud(hosts=hosts, vms=vms, clusters=clusters, monitoring_interval_s=monitoring_interval,
@@ -216,7 +190,7 @@ def stats(url: str | None, reset: bool) -> None:
 @lab.command(name="fence-command")
 def fence_command() -> None:
     """A fence command with fence_host.sh's contract: base64 host XML on stdin, exit 0 when fenced."""
-    from oneha.opennebula import EventError, HostEvent, decode_template
+    from oneha.opennebula import EventError, HostEvent, decode_template  # lazy: see `lab`
 
     if os.environ.get("ONEHA_LAB_FENCE_FAIL") == "1":
         raise click.ClickException("fencing failed (ONEHA_LAB_FENCE_FAIL=1)")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from oneha.lab import xmlwriter  # xmlwriter names this module's types for mypy only (TYPE_CHECKING)
 from oneha.opennebula import ErrorCode, HostState, LcmState, RecoverOp, VmState
 
 if TYPE_CHECKING:
@@ -211,8 +212,6 @@ class Cloud:
         self.next_vm_id = 0
         self.pool_dirty = True
         self.rendered_version = 0  # bumps on any change, so the rpc layer can cache whole pool bodies
-        from oneha.lab import xmlwriter  # local import: xmlwriter imports this module's types
-
         self.xml = xmlwriter
 
     # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from oneha.incidents import Incident, IncidentStore, Kind, Status
-from oneha.lab.cli import lab_call
+from oneha.lab.client import lab_call
 from oneha.lab.stack import Stack
 from oneha.opennebula import HostState, VmState
 from oneha.waiting import WaitTimeout, wait_until

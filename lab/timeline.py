@@ -39,12 +39,13 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
+from oneha.lab.cloud import ACTION_NUMBERS, LabError
 from oneha.opennebula import HostState, VmState
 
 if TYPE_CHECKING:
     from oneha.lab.cloud import Cloud, Host, Vm
 
-POWER_ON = "on"  # lab.cloud.POWER_ON (not imported: lab.cloud imports this module's type only)
+POWER_ON = "on"  # = lab.cloud.POWER_ON
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,8 +354,6 @@ class Timelines:
         self._check_completed(now)
 
     def _start_action(self, now: float, a: Action) -> bool:
-        from oneha.lab.cloud import ACTION_NUMBERS, LabError
-
         a.started = now
         vm = self.cloud.vms[a.vm_id]
         ok = True

@@ -18,7 +18,6 @@ from celery import Celery
 from oneha.celeryconf import celery_config
 from oneha.keys import HOST_QUEUE, TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT, VM_QUEUE
 from oneha.settings import load_settings
-from oneha.workers import hooks
 
 app = Celery("oneha", include=["oneha.workers.tasks"])
 
@@ -34,5 +33,3 @@ def worker_config() -> dict[str, Any]:
 def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(worker_config())
 
-
-hooks.install(app)

@@ -41,6 +41,8 @@ EXIT_UNASKED = 3  # the worker ended without being asked to stop
 def worker(config_file: Path | None, concurrency: int | None, queues: str, pool: str, loglevel: str,
            hostname: str | None, instance: str | None) -> None:
     """Start a recovery worker (Celery) on the configured broker."""
+    # Lazy imports, deliberately: `oneha` loads this module for every subcommand (and --help), which must not pay
+    # for Celery and the flows; the app is looked up when the command runs (tests replace it).
     from oneha.clikit import settings_or_exit
 
     if config_file is not None:  # the Celery app loads its settings from the environment
@@ -68,7 +70,8 @@ def worker(config_file: Path | None, concurrency: int | None, queues: str, pool:
 
 def run_worker(app: Any, argv: list[str]) -> int:
     """Run the Celery worker; its exit status, except that an exit nobody asked for is never 0."""
-    from celery import signals
+    from celery import signals  # lazy: see `worker`
+
 
     asked: list[str] = []
 

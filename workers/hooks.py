@@ -6,7 +6,7 @@ Flows never touch a metric or write an audit entry themselves:
   written with the VM's one `vm` entry (its record and its steps), one Redis write per VM instead of one per step;
 - the oned gateway reports every call to `Hooks.oned_call` / `oned_retry` (it is its `CallObserver`);
 - the outcome helpers `Hooks.fence` and `Hooks.recovery` are called from the one place each outcome is decided;
-- Celery signals (`install`) count task retries and start the metrics endpoint in the worker.
+- Celery signals (`bootstrap`) count task retries (`TASK_RETRIES`) and start the metrics endpoint in the worker.
 
 Metric names are part of the interface (dashboards, alerts): keep them exactly.
 """
@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from prometheus_client import Counter, Histogram
 
 from oneha.opennebula import ErrorKind
+from oneha.workers.oned import describe
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # runtime builds its Hooks: at run time the flow is only passed in
     from oneha.workers.runtime import Flow
 
 log = logging.getLogger("oneha.audit")
@@ -99,7 +100,7 @@ def step(name: str) -> Callable[[F], F]:
             try:
                 result = fn(flow, *args, **kwargs)
             except Exception as exc:
-                flow.rt.store.audit(flow.incident.id, "step", step=name, error=_describe(exc),
+                flow.rt.store.audit(flow.incident.id, "step", step=name, error=describe(exc),
                                     ms=round((time.monotonic() - started) * 1000), **extra)
                 raise
             ms = round((time.monotonic() - started) * 1000)
@@ -127,23 +128,3 @@ def _summary(value: Any) -> Any:
     return type(value).__name__
 
 
-def _describe(exc: BaseException) -> str:
-    from oneha.workers.oned import describe
-
-    return describe(exc)
-
-
-def install(app: Any) -> None:
-    """Connect the Celery signals: retries counted, metrics endpoint and heartbeat in each worker."""
-    from celery import signals
-
-    @signals.task_retry.connect(weak=False)
-    def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-        name = getattr(sender, "name", None) or getattr(request, "task", "unknown")
-        TASK_RETRIES.labels(str(name)).inc()
-
-    @signals.worker_ready.connect(weak=False)
-    def _on_ready(sender: Any = None, **_: Any) -> None:
-        from oneha.workers.runtime import start_metrics_and_heartbeat
-
-        start_metrics_and_heartbeat(str(getattr(sender, "hostname", "worker")))

@@ -1,7 +1,8 @@
 """What a flow needs at hand: settings, Redis, the incident store, the oned gateway, hooks, a task sender.
 
-One `Runtime` per worker process, built lazily on the first task (`get_runtime`); tests build their own with
-`Runtime.build(settings, send=...)` and call the flows as plain functions.
+One `Runtime` per worker process, built lazily on the first task (`bootstrap.get_runtime`, which also starts the
+process's heartbeat and metrics); tests build their own with `Runtime.build(settings, send=...)` and call the flows
+as plain functions. This is the bottom layer of the flows: it imports no flow, no Celery.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 import redis
 
-from oneha import heartbeat, redisconn
+from oneha import redisconn
 from oneha.incidents import Incident, IncidentStore, Status
 from oneha.keys import Keys
-from oneha.settings import Settings, load_settings
+from oneha.settings import Settings
 from oneha.workers.hooks import Hooks
 from oneha.workers.lock import Lease
 from oneha.workers.oned import OnedGateway
@@ -154,63 +155,3 @@ class Flow:
         self.rt.store.set_status(self.incident.id, Status.HELD, reason)
         self.recheck_later()
         return "held"
-
-
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-
-
-def get_runtime() -> Runtime:
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            from oneha.workers.app import app
-
-            def send(name: str, args: list[Any], queue: str) -> None:
-                app.send_task(name, args=args, queue=queue)
-
-            def send_many(name: str, args_list: list[list[Any]], queue: str) -> None:
-                with app.producer_or_acquire() as producer:
-                    for args in args_list:
-                        app.send_task(name, args=args, queue=queue, producer=producer)
-
-            _runtime = Runtime.build(load_settings(), send, send_many)
-        return _runtime
-
-
-def _warm_up() -> None:
-    """Pay the first task's one-off costs at start (flow imports, broker connection for the VM tasks a host task
-    sends), not during the first recovery."""
-    import oneha.workers.host_flow
-    import oneha.workers.vm_flows  # noqa: F401
-    from oneha.celeryconf import warm_up_producer
-    from oneha.keys import VM_QUEUE
-    from oneha.workers.app import app
-
-    try:
-        warm_up_producer(app, (VM_QUEUE,))
-    except Exception as exc:  # the first send connects (and retries) anyway
-        log.warning("broker not reachable at start: %s", type(exc).__name__)
-
-
-def start_metrics_and_heartbeat(hostname: str) -> None:
-    """In a worker process: beat `keys.heartbeat` so tools see the worker, and serve Prometheus metrics.
-
-    The heartbeat comes first and does not depend on the metrics port: a port already taken (two workers on one
-    machine with the same port) costs the metrics of this worker, said in one error line, not its presence."""
-    rt = get_runtime()
-    # The worker runs until its process ends: the stop event is never set, the hash entry simply ages out.
-    threading.Thread(target=heartbeat.run, args=(rt.redis, rt.keys, f"worker:{hostname}", threading.Event()),
-                     name="oneha-heartbeat", daemon=True).start()
-    port, bind = rt.settings.worker.metrics_port, rt.settings.worker.metrics_bind
-    if port is not None:
-        from prometheus_client import start_http_server
-
-        try:
-            server, _ = start_http_server(port, addr=bind)
-        except OSError as exc:
-            log.error("worker metrics: cannot listen on %s:%d (%s); give each worker on this machine its own port "
-                      "(oneha worker --instance N, or ONEHA_WORKER__METRICS_PORT)", bind, port, exc.strerror)
-        else:
-            log.info("worker metrics on http://%s:%d/metrics", bind, server.server_port)
-    _warm_up()

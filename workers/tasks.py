@@ -19,9 +19,13 @@ from celery import Task
 
 from oneha.keys import TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT
 from oneha.workers.app import app
+from oneha.workers.bootstrap import get_runtime
+from oneha.workers.host_flow import recover_host as host_flow
 from oneha.workers.lock import LeaseLost
 from oneha.workers.oned import full_jitter, is_transient
-from oneha.workers.runtime import Paused, get_runtime
+from oneha.workers.runtime import Paused
+from oneha.workers.vm_flows import handle_vm_incident
+from oneha.workers.vm_task import recover_host_vm
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 5
@@ -71,20 +75,14 @@ def _through_redis_outage(task: Task, fn: Callable[..., str], *args: Any) -> str
 
 @app.task(bind=True, name=TASK_RECOVER_HOST, max_retries=MAX_RETRIES, acks_late=True)
 def recover_host(self: Task, incident_id: int) -> str:
-    from oneha.workers.host_flow import recover_host as flow
-
-    return run_task(self, flow, int(incident_id))
+    return run_task(self, host_flow, int(incident_id))
 
 
 @app.task(bind=True, name=TASK_RECOVER_VM, max_retries=MAX_RETRIES, acks_late=True)
 def recover_vm(self: Task, incident_id: int, vm_id: int) -> str:
-    from oneha.workers.vm_task import recover_host_vm as flow
-
-    return run_task(self, flow, int(incident_id), int(vm_id))
+    return run_task(self, recover_host_vm, int(incident_id), int(vm_id))
 
 
 @app.task(bind=True, name=TASK_VM_INCIDENT, max_retries=MAX_RETRIES, acks_late=True)
 def vm_incident(self: Task, incident_id: int) -> str:
-    from oneha.workers.vm_flows import handle_vm_incident as flow
-
-    return run_task(self, flow, int(incident_id))
+    return run_task(self, handle_vm_incident, int(incident_id))
