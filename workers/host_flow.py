@@ -2,7 +2,7 @@
 
     recover_host(incident)            TASK_RECOVER_HOST
       lock_host -> confirm_host_failed -> check_storm -> fence_host -> list_vms_to_recover -> dispatch_vm_recoveries
-    recover_host_vm(incident, vm)     TASK_RECOVER_VM, one per VM, in priority order
+    recover_host_vm(incident, vm)     TASK_RECOVER_VM, one per VM, in priority order (workers/vm_task.py)
       claim_vm -> (re-read, decide, act, confirm_vm_left_host)* -> record -> the last one closes the incident
 
 At-least-once delivery: the host lock (lease + fencing token) keeps two copies of the host task from running
