@@ -24,7 +24,27 @@ phase() {  # close the running phase (its time goes to figures.tsv), open the ne
 }
 fail() { echo "FAIL: $*"; failed=1; }
 as() { local who=$1; shift; runuser -u "$who" -- "$@"; }  # sudo -u, without sudo (not in the base image)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() {  # [N]: a port P with P .. P+N-1 all free on 127.0.0.1
+    python3 - "${1:-1}" <<'PY'
+import socket, sys
+n = int(sys.argv[1])
+while True:
+    socks = [socket.socket()]
+    socks[0].bind(("127.0.0.1", 0))
+    port = socks[0].getsockname()[1]
+    try:
+        for extra in range(1, n):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", port + extra))
+        print(port)
+        break
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+PY
+}
 cleanup() { kill $(jobs -p) 2>/dev/null || true; }
 doc_run() {  # HEADING: run the sh blocks of that section of docs/operations.md as written, but for what needs
     # systemd, oned, an editor or GitHub (systemctl, onehook, $EDITOR, git clone); `apt install` made unattended.
@@ -88,7 +108,7 @@ phase "1.5 configure (one_auth, oneha.toml, bridge.toml) and 1.9 the fence crede
 doc_run "### 1.5 "
 echo "$session" > /etc/oneha/one_auth            # the docs' 'oneadmin:PASSWORD': the lab's session is of that form
 # $EDITOR: the endpoints of the lab and this Redis; free metrics ports (the host may run other oneha processes).
-/opt/oneha/venv/bin/python - "$rpc" "$events" "$redis_port" "$(free_port)" "$(free_port)" <<'PY'
+/opt/oneha/venv/bin/python - "$rpc" "$events" "$redis_port" "$(free_port)" "$(free_port 2)" <<'PY'
 import re, sys
 rpc, events, port, sub_port, worker_port = sys.argv[1:]
 for path in ("/etc/oneha/oneha.toml", "/etc/oneha/bridge.toml"):
@@ -149,8 +169,8 @@ cannot as nobody cat /etc/oneha/bridge.toml
 
 phase "1.7 the bridge as oned's hook manager runs it (oneadmin)"
 as oneadmin /opt/oneha/bin/oneha-bridge --hid 3 || fail "the bridge as oneadmin"
-printf '<HOOK_MESSAGE><HOOK_TYPE>STATE</HOOK_TYPE><HOOK_OBJECT>HOST</HOOK_OBJECT><STATE>ERROR</STATE>%s' \
-    '<RESOURCE_ID>3</RESOURCE_ID></HOOK_MESSAGE>' | base64 -w0 | as oneadmin /opt/oneha/bin/oneha-bridge \
+printf '<HOST><ID>3</ID><NAME>host0003</NAME><STATE>3</STATE><CLUSTER_ID>0</CLUSTER_ID><VMS/><TEMPLATE/></HOST>' \
+    | base64 -w0 | as oneadmin /opt/oneha/bin/oneha-bridge \
     || fail "the bridge as oneadmin, template on stdin"
 
 phase "1.10-1.11 the units' commands as their User= (subscriber, worker@1, flower), credentials as systemd hands them"
@@ -202,16 +222,26 @@ start_unit() {  # UNIT INSTANCE [OLD_ARG|NEW_ARG ...]
 }
 start_unit oneha-subscriber ""
 start_unit oneha-worker 1
+start_unit oneha-worker 2   # §1.10: oneha-worker@1 and @2 on one machine, metrics on worker.metrics_port + N - 1
 flower_port=$(free_port)
 start_unit oneha-flower "" "--port=5555|--port=$flower_port"
 alive=""
 for _ in $(seq 600); do  # poll up to ~60 s (two shared cores: a Celery worker takes a while to start)
     alive="$(/opt/oneha/venv/bin/oneha incidents --config /etc/oneha/oneha.toml 2>&1 | tail -n 1)"
-    case "$alive" in *"1 subscriber(s), 1 worker(s)"*) break ;; esac
+    case "$alive" in *"1 subscriber(s), 2 worker(s)"*) break ;; esac
     sleep 0.1
 done
 echo "$alive"
-case "$alive" in *"1 subscriber(s), 1 worker(s)"*) ;; *) fail "services not alive"; tail -5 "$walk"/oneha-*.log ;; esac
+case "$alive" in *"1 subscriber(s), 2 worker(s)"*) ;; *) fail "services not alive"; tail -5 "$walk"/oneha-*.log ;; esac
+worker_port="$(sed -n '/^\[worker\]/,/^\[/s/^metrics_port = //p' /etc/oneha/oneha.toml)"
+for port in "$(sed -n '/^\[subscriber\]/,/^\[/s/^metrics_port = //p' /etc/oneha/oneha.toml)" \
+            "$worker_port" "$((worker_port + 1))"; do
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/metrics" > /dev/null && break; sleep 0.1; done
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^# HELP oneha_' && echo "ok   metrics on 127.0.0.1:$port" \
+        || fail "no oneha metrics on 127.0.0.1:$port"
+done
+for _ in $(seq 100); do grep -q '"scan": "hosts"' "$walk/oneha-subscriber.log" && break; sleep 0.1; done
+! grep 'rejected' "$walk/oneha-subscriber.log" || fail "the subscriber rejected what the bridge queued (§1.7)"
 flower_auth="$(sed -n 's/^FLOWER_BASIC_AUTH=//p' /etc/oneha/flower.env)"
 code=""
 for _ in $(seq 300); do  # poll up to ~30 s for Flower to listen
