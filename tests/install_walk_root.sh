@@ -56,7 +56,7 @@ section = re.split(r"\n#{2,3} ", text.split("\n" + heading, 1)[1], maxsplit=1)[0
 skip = ("systemctl", "onehook", "git clone", "$EDITOR")
 for block in re.findall(r"```sh\n(.*?)```", section, re.S):
     for line in block.splitlines():
-        cmd = re.sub(r"\s+#\s.*$", "", line).replace(" && systemctl daemon-reload", "").strip()
+        cmd = re.sub(r"^\s*#.*$|\s+#\s.*$", "", line).replace(" && systemctl daemon-reload", "").strip()
         cmd = re.sub(r"^apt install ", "apt-get install -y -qq ", cmd)
         if cmd and not cmd.startswith(skip):
             print(cmd)
@@ -93,6 +93,19 @@ id oneha; id oneadmin
 
 phase "1.4 the deploy kit"
 doc_run "### 1.4 "
+
+# Every file of the kit that §1 names, and every unit its systemctl lines start, is in place.
+python3 - "$src/docs/operations.md" <<'PY' || fail "§1 names a file or unit that deploy install did not put in place"
+import glob, re, sys
+section = open(sys.argv[1]).read().split("## 1. Install", 1)[1].split("\n## 2.", 1)[0]
+paths = set(re.findall(r"(/opt/oneha/[A-Za-z0-9_./*@-]*|/etc/systemd/system/[A-Za-z0-9_./*@-]*)", section))
+paths |= {f"/opt/oneha/share/prometheus/{name}" for name in re.findall(r"`(oneha-[a-z-]+\.yml)`", section)}
+for line in re.findall(r"^systemctl enable --now (.*?)(?:\s+#.*)?$", section, re.M):
+    paths |= {"/etc/systemd/system/" + re.sub(r"@.*", "@", unit) + ".service" for unit in line.split()}
+missing = sorted(p for p in paths if not glob.glob(p))
+print(f"{len(paths)} paths and units named in §1: " + (f"missing {missing}" if missing else "all present"))
+sys.exit(1 if missing else 0)
+PY
 
 phase "the lab as oned (run by oneadmin), Debian's Redis (run by redis)"
 as oneadmin /opt/oneha/venv/bin/oneha lab sim --port 0 --events-port 0 > "$walk/lab.out" 2> "$walk/lab.err" &
@@ -173,7 +186,7 @@ printf '<HOST><ID>3</ID><NAME>host0003</NAME><STATE>3</STATE><CLUSTER_ID>0</CLUS
     | base64 -w0 | as oneadmin /opt/oneha/bin/oneha-bridge \
     || fail "the bridge as oneadmin, template on stdin"
 
-phase "1.10-1.11 the units' commands as their User= (subscriber, worker@1, flower), credentials as systemd hands them"
+phase "1.10-1.11 the units' commands as their User= (subscriber, worker@1, worker@2, flower)"
 # No systemd in a container: run each installed unit's ExecStart= with its Environment=/EnvironmentFile= (%i, %d and
 # $VAR expanded as systemd does), as its User=, with oned's credentials copied as LoadCredential= does (a private
 # copy owned by the service user, mode 0400) and StateDirectory= created.
