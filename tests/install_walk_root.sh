@@ -159,7 +159,8 @@ PY
 [ -s "$walk/table.txt" ] || fail "no table in docs/operations.md §1.3"
 while read -r path owner mode; do
     got="$(stat -c '%U:%G 0%a' "$path" 2>/dev/null || echo missing)"
-    if [ "$got" = "$owner $mode" ]; then echo "ok   $path $got"; else fail "$path is $got, the docs say $owner $mode"; fi
+    if [ "$got" = "$owner $mode" ]; then echo "ok   $path $got"
+    else fail "$path is $got, the docs say $owner $mode"; fi
 done < "$walk/table.txt"
 can() { if "$@" > /dev/null 2>&1; then echo "ok   can: ${*:2}"; else fail "cannot: $*"; fi; }
 cannot() { if "$@" > /dev/null 2>&1; then fail "can: $*"; else echo "ok   cannot: ${*:2}"; fi; }
@@ -263,7 +264,8 @@ for _ in $(seq 300); do  # poll up to ~30 s for Flower to listen
 done
 [ "$code" = 401 ] && echo "ok   Flower without the password: 401" || fail "Flower without the password: $code"
 code="$(curl -s -o /dev/null -w '%{http_code}' -u "$flower_auth" "http://127.0.0.1:$flower_port/workers")"
-[ "$code" = 200 ] && echo "ok   Flower with FLOWER_BASIC_AUTH of flower.env: 200" || fail "Flower with the password: $code"
+[ "$code" = 200 ] && echo "ok   Flower with FLOWER_BASIC_AUTH of flower.env: 200" \
+    || fail "Flower with the password: $code"
 cleanup; wait 2>/dev/null || true
 rm -rf /run/credentials/oneha-*   # systemd removes a unit's credentials when it stops
 
@@ -278,8 +280,8 @@ grep '^kept' "$walk/deploy-again.txt"
 phase "11 uninstall (without systemctl and onehook: no systemd, no oned here)"
 uid="$(id -u oneha)"
 doc_run "## 11. "
-left="$(find / -xdev \( -name 'oneha*' -o -uid "$uid" \) -not -path '/root/oneha*' -not -path '/src/*' -not -path '/walk/*' \
-        2>/dev/null || true)"
+left="$(find / -xdev \( -name 'oneha*' -o -uid "$uid" \) -not -path '/root/oneha*' -not -path '/src/*' \
+        -not -path '/walk/*' 2>/dev/null || true)"
 [ -z "$left" ] || { echo "$left" | head; fail "left behind after uninstall"; }
 phase "end"
 
