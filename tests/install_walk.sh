@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The install path of docs/operations.md §1, walked in a clean root: a wheel built from this source tree, a fresh
+# The install path of docs/operations.md §1, walked without root or Docker: a wheel built from this source tree, a fresh
 # venv, `oneha deploy install` into a temporary prefix, the lab as oned, a throw-away Redis, and it ends with
 # `oneha config check` passing (plus the bridge queuing an event with its own config). Not root: owners stay the
 # current user's (the docs' useradd and chown steps are left out); the example config's fence scripts are the

@@ -34,6 +34,7 @@ import pytest
 
 from oneha.lab.cli import lab_call
 from oneha.waiting import wait_until
+from tests.dockerkit import docker_tier, engine_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = Path(os.environ.get("ONEHA_DOCKER_WORKDIR", "/var/tmp/oneha-docker"))
@@ -44,18 +45,7 @@ FLOWER_AUTH = "admin:compose-test"
 ALIVE = re.compile(r"(\d+) subscriber\(s\), (\d+) worker\(s\)")
 
 
-def _engine_answers() -> bool:
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(3600),
-    pytest.mark.skipif(os.environ.get("ONEHA_DOCKER_TESTS") != "1", reason="opt-in: ONEHA_DOCKER_TESTS=1"),
-]
+pytestmark = docker_tier(timeout_s=3600)
 
 
 def compose_command() -> list[str]:
@@ -192,7 +182,7 @@ def figures() -> Iterator[dict[str, Any]]:
 
 
 def test_compose_stack_heals_scales_and_leaves_nothing(figures: dict[str, Any]) -> None:
-    if not _engine_answers():
+    if not engine_answers():
         pytest.skip("no Docker engine answers (docs/compose.md: start dockerd)")
     compose = compose_command()
     figures["compose"] = sh(*compose, "version").splitlines()[0]
