@@ -176,6 +176,7 @@ def hand_over(kind: str, data: bytes) -> str:
 
 _TAGS = {name: re.compile(rb"<" + name + rb">([A-Za-z0-9_]{1,40})</" + name + rb">")
          for name in (b"HOOK_OBJECT", b"RESOURCE_ID", b"STATE", b"LCM_STATE")}
+_BARE = re.compile(rb"\s*<(HOST|VM)>\s*<ID>([0-9]{1,10})</ID>")
 
 
 def describe(kind: str, data: bytes) -> str:
@@ -190,8 +191,13 @@ def describe(kind: str, data: bytes) -> str:
     except binascii.Error:
         head = b""
     found = {name.decode(): m[1].decode() for name, rx in _TAGS.items() if (m := rx.search(head))}
-    what = f"{found.get('HOOK_OBJECT', 'event').lower()} {found.get('RESOURCE_ID', '?')}".replace("vm ", "VM ")
     state = "/".join(found[k] for k in ("STATE", "LCM_STATE") if k in found)
+    bare = None if "HOOK_OBJECT" in found else _BARE.match(head)
+    if bare:  # a state hook's $TEMPLATE is the bare HOST or VM element, its states as numbers (REFERENCE §2)
+        obj, oid, state = bare[1].decode(), bare[2].decode(), f"state {state}" if state else ""
+    else:
+        obj, oid = found.get("HOOK_OBJECT", "event"), found.get("RESOURCE_ID", "?")
+    what = f"{obj.lower()} {oid}".replace("vm ", "VM ")
     return f"{what} {state} (template, {len(data)} bytes)" if state else f"{what} (template, {len(data)} bytes)"
 
 

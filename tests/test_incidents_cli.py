@@ -86,3 +86,13 @@ def test_bridge_says_what_it_queued(redis_url: str) -> None:
                         + re.escape(redis_url), line), line
     by_id = bridge("--vm-id", "7", url=redis_url).stdout.decode().strip()
     assert by_id.startswith("queued VM 7 as entry "), by_id
+
+
+def test_bridge_names_the_object_of_a_hook_template(redis_url: str) -> None:
+    """A state hook's $TEMPLATE is the bare <HOST>/<VM> element (REFERENCE §2), not a HOOK_MESSAGE: the line still
+    names the host or VM, with its numeric states."""
+    host = bridge(b64("<HOST><ID>3</ID><NAME>h3</NAME><STATE>3</STATE></HOST>"), url=redis_url)
+    assert host.stdout.decode().startswith("queued host 3 state 3 (template, "), host.stdout
+    vm = bridge(b64("<VM><ID>42</ID><UID>0</UID><NAME>v</NAME><STATE>3</STATE><LCM_STATE>16</LCM_STATE></VM>"),
+                url=redis_url)
+    assert vm.stdout.decode().startswith("queued VM 42 state 3/16 (template, "), vm.stdout
