@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import xml.etree.ElementTree as ET
 import xmlrpc.client
 from pathlib import Path
@@ -278,7 +279,14 @@ def test_frames_object_key_first_and_reordering_on_request() -> None:
             sock.close(linger=0)
 
 
-XSD = Path("/work/shared/opennebula-xsd")
+def _xsd_dir() -> Path:
+    """OpenNebula's XSDs live in shared/ beside the checkout (CI lays a copy there), never in the repository."""
+    beside = Path(__file__).resolve().parents[2] / "shared" / "opennebula-xsd"
+    candidates = [os.environ.get("ONEHA_XSD_DIR", ""), str(beside), "/work/shared/opennebula-xsd"]
+    return next((Path(c) for c in candidates if c and Path(c).is_dir()), Path(candidates[-1]))
+
+
+XSD = _xsd_dir()
 NS = "{http://opennebula.org/XMLSchema}"
 
 
