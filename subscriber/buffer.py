@@ -13,6 +13,7 @@ from collections import deque
 
 import redis
 
+from oneha.backoff import Backoff
 from oneha.opennebula import Event, event_size_bytes
 from oneha.subscriber import metrics
 from oneha.subscriber.intake import Intake
@@ -30,12 +31,10 @@ class BufferedIntake:
         self.capacity = capacity
         self.capacity_bytes = capacity_bytes  # estimated memory of the decoded events held (event_size_bytes)
         self._held_bytes = 0
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self._pending: deque[tuple[Event, str, float]] = deque()
         self._lock = threading.Lock()
         self._retry_at = 0.0
-        self._backoff = backoff_base_s
+        self._backoff = Backoff(backoff_base_s, backoff_max_s)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -74,7 +73,7 @@ class BufferedIntake:
                     self._held_bytes -= event_size_bytes(self._pending.popleft()[0])
                 done += len(chunk)
             if not self._pending:
-                self._backoff = self.backoff_base_s
+                self._backoff.reset()
                 log.info("buffer replayed", extra=kv(events=done))
         return done
 
@@ -90,7 +89,7 @@ class BufferedIntake:
 
     def _fail(self, exc: Exception) -> None:
         metrics.REDIS_ERRORS.labels("intake").inc()
-        self._retry_at = time.monotonic() + self._backoff
+        delay_s = self._backoff.next_s()
+        self._retry_at = time.monotonic() + delay_s
         log.warning("redis unavailable, buffering events", extra=kv(
-            error=type(exc).__name__, retry_in_s=round(self._backoff, 2), buffered=len(self._pending)))
-        self._backoff = min(self._backoff * 2, self.backoff_max_s)
+            error=type(exc).__name__, retry_in_s=round(delay_s, 2), buffered=len(self._pending)))

@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from oneha.backoff import Backoff
 from oneha.keys import BRIDGE_GROUP, Keys
 from oneha.opennebula import (
     DEFAULT_MAX_EVENT_BYTES,
@@ -92,18 +93,18 @@ class StreamConsumer:
         self._retry_pending_at = 0.0
 
     def run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self.stop.is_set():
             try:
                 self.poll_once()
-                backoff = 0.1
+                backoff.reset()
             except redis.RedisError as exc:
                 metrics.REDIS_ERRORS.labels("stream").inc()
                 self._group_ready = False
+                delay_s = backoff.next_s()
                 log.warning("stream: redis unavailable", extra=kv(error=type(exc).__name__,
-                                                                   retry_in_s=backoff))
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                                                                   retry_in_s=delay_s))
+                self.stop.wait(delay_s)
 
     def poll_once(self) -> int:
         """Claim abandoned entries, retry our own pending ones, read new ones. Returns entries handled."""

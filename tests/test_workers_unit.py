@@ -10,12 +10,12 @@ import signal
 import sys
 import time
 
+from oneha.backoff import Backoff, full_jitter
 from oneha.opennebula import HostState, HostView, LcmState, VmState, VmView, decode_template
 from oneha.settings import ClusterPolicy
 from oneha.waiting import wait_until
 from oneha.workers.fence import host_xml, run_fence
 from oneha.workers.host_flow import storm_reason
-from oneha.workers.oned import full_jitter
 from oneha.workers.vm_steps import choose_action, has_left_host, in_transition, select_vms
 
 
@@ -171,3 +171,10 @@ def test_fence_command_gets_a_minimal_environment(tmp_path, monkeypatch) -> None
     assert env == {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                    "ONEHA_FENCE_DEADLINE_S": "30", "ONEHA_IPMITOOL": "/usr/bin/ipmitool", "MY_FENCE_SITE": "rack-7"}
     assert not any("s3cret" in v or "pw@" in v for v in env.values())
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success() -> None:
+    backoff = Backoff(0.1, 0.5)
+    assert [backoff.next_s() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    backoff.reset()
+    assert backoff.next_s() == 0.1

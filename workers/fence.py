@@ -18,9 +18,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from oneha.backoff import full_jitter
 from oneha.opennebula import HostView
 from oneha.settings import ClusterPolicy
-from oneha.workers.oned import full_jitter
 
 log = logging.getLogger(__name__)
 

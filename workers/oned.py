@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from typing import Any, Protocol, TypeVar
 
 import redis
 
+from oneha.backoff import full_jitter
 from oneha.keys import Keys
 from oneha.opennebula import (
     ErrorKind,
@@ -75,11 +75,6 @@ class CallObserver(Protocol):
 
     def oned_retry(self, method: str) -> None: ...
 
-
-def full_jitter(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**attempt)]."""
-    cap = min(max_s, base_s * (2 ** max(0, attempt)))
-    return (rng or random).uniform(0, cap)
 
 
 # KEYS: semaphore zset. ARGV: holder, cap, ttl ms. Time from the Redis server, so worker clocks do not matter.

@@ -17,12 +17,13 @@ from typing import Any
 import redis
 from celery import Task
 
+from oneha.backoff import Backoff, full_jitter
 from oneha.keys import TASK_RECOVER_HOST, TASK_RECOVER_VM, TASK_VM_INCIDENT
 from oneha.workers.app import app
 from oneha.workers.bootstrap import get_runtime
 from oneha.workers.host_flow import recover_host as host_flow
 from oneha.workers.lock import LeaseLost
-from oneha.workers.oned import full_jitter, is_transient
+from oneha.workers.oned import is_transient
 from oneha.workers.runtime import Paused
 from oneha.workers.vm_flows import handle_vm_incident
 from oneha.workers.vm_task import recover_host_vm
@@ -57,7 +58,7 @@ def _through_redis_outage(task: Task, fn: Callable[..., str], *args: Any) -> str
     is safe, and the message stays unacknowledged meanwhile.
     """
     deadline = time.monotonic() + REDIS_OUTAGE_S
-    delay_s = 0.2
+    backoff = Backoff(0.2, 5.0)
     while True:
         try:
             rt = get_runtime()
@@ -65,12 +66,12 @@ def _through_redis_outage(task: Task, fn: Callable[..., str], *args: Any) -> str
                 rt.mark_vm_queue_moving()
             return fn(rt, *args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            delay_s = backoff.next_s()
             if time.monotonic() + delay_s > deadline:
                 raise
             log.warning("%s%s: redis unavailable (%s), again in %.1fs", task.name, list(args),
                         type(exc).__name__, delay_s)
             time.sleep(delay_s)  # backoff while Redis is down
-            delay_s = min(delay_s * 2, 5.0)
 
 
 @app.task(bind=True, name=TASK_RECOVER_HOST, max_retries=MAX_RETRIES, acks_late=True)
