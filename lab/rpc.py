@@ -20,8 +20,9 @@ from typing import Any
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 from oneha.lab import xmlwriter
-from oneha.lab.cloud import Cloud, LabError, Vm
+from oneha.lab.cloud import Cloud
 from oneha.lab.events import EventPublisher
+from oneha.lab.model import LabError, Vm
 from oneha.opennebula import ErrorCode, VmState
 
 Reply = list[Any]
