@@ -318,7 +318,7 @@ class LabRpc:
 
     def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
         knobs = dict(knobs or {})
-        if "lcm_ignore" in knobs:  # the next N LCM-level calls are accepted and change nothing (Cloud._lcm_ignored)
+        if "lcm_ignore" in knobs:  # the next N LCM-level calls are accepted and change nothing (lab/state.py)
             value = knobs.pop("lcm_ignore")
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LabError(ErrorCode.XML_RPC_API, "lcm_ignore must be a non-negative integer")
