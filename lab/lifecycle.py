@@ -31,6 +31,7 @@ from oneha.opennebula import RecoverOp, VmState
 # ------------------------------------------------------------------------------------------------------------
 # Playing a plan (the due steps are advanced by `Cloud.tick`)
 def advance(c: CloudState, vm: Vm, now: float) -> None:
+    """Enter the VM's next planned step (its time has come), or its stage's failure state."""
 
     step = vm.plan.pop(0)
     failure = step_failure(c, vm)

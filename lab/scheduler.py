@@ -14,6 +14,7 @@ from oneha.opennebula import ErrorCode, HostState, VmState
 
 
 def schedule(c: CloudState) -> None:
+    """One scheduler pass: dispatch PENDING VMs, migrate resched'ed ones, drop the rest from `pending`."""
     for vid in sorted(c.pending)[:200]:
         vm = c.vms[vid]
         if vm.state == VmState.PENDING:
