@@ -20,8 +20,9 @@ from typing import Any
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 from oneha.lab import xmlwriter
-from oneha.lab.cloud import Cloud, LabError, Vm
+from oneha.lab.cloud import Cloud
 from oneha.lab.events import EventPublisher
+from oneha.lab.model import LabError, Vm
 from oneha.opennebula import ErrorCode, VmState
 
 Reply = list[Any]
@@ -317,7 +318,7 @@ class LabRpc:
 
     def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
         knobs = dict(knobs or {})
-        if "lcm_ignore" in knobs:  # the next N LCM-level calls are accepted and change nothing (Cloud._lcm_ignored)
+        if "lcm_ignore" in knobs:  # the next N LCM-level calls are accepted and change nothing (lab/state.py)
             value = knobs.pop("lcm_ignore")
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LabError(ErrorCode.XML_RPC_API, "lcm_ignore must be a non-negative integer")

@@ -39,13 +39,14 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from oneha.lab.cloud import ACTION_NUMBERS, LabError
+from oneha.lab import lifecycle, monitor
+from oneha.lab.model import ACTION_NUMBERS, POWER_ON, LabError
 from oneha.opennebula import HostState, VmState
 
 if TYPE_CHECKING:
-    from oneha.lab.cloud import Cloud, Host, Vm
+    from oneha.lab.cloud import Cloud
+    from oneha.lab.model import Host, Vm
 
-POWER_ON = "on"  # = lab.cloud.POWER_ON
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,7 @@ class Timelines:
                 del self.probing[hid]
                 self.note(now, "start_monitor_failure", hid)
                 if host.state != HostState.OFFLINE:
-                    self.cloud._host_silent(host)
+                    monitor.host_silent(self.cloud, host)
         self._returning_hosts(now)
 
     def _monitor_timer(self, now: float) -> None:
@@ -208,7 +209,7 @@ class Timelines:
             if now >= due:
                 del self.back_at[host.id]
                 self.note(now, "beacon", host.id)
-                self.cloud._host_answers(host)
+                monitor.host_answers(self.cloud, host)
 
     # ---------------------------------------------------------------------------------------------------------
     # Driver operations: how long the state a VM has just entered lasts
@@ -360,7 +361,8 @@ class Timelines:
         if a.migrate and vm.resched and not vm.plan:
             self.cloud.pending.discard(vm.id)
             vm.resched = False
-            self.cloud._migrate_to(vm, self.cloud.hosts[a.host_id], live=False, action=ACTION_NUMBERS["resched"])
+            host = self.cloud.hosts[a.host_id]
+            lifecycle.migrate_to(self.cloud, vm, host, live=False, action=ACTION_NUMBERS["resched"])
         elif a.migrate:
             ok = False  # no longer rescheduled, or busy: the migrate call fails
         else:

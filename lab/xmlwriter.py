@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from oneha.opennebula import VmState
 
 if TYPE_CHECKING:
-    from oneha.lab.cloud import Cloud, Datastore, History, Host, Vm
+    from oneha.lab.model import Datastore, History, Host, Vm
+    from oneha.lab.state import CloudState
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
 
@@ -54,13 +55,13 @@ _PERMISSIONS = ("<PERMISSIONS><OWNER_U>1</OWNER_U><OWNER_M>1</OWNER_M><OWNER_A>0
 # ------------------------------------------------------------------------------------------------------------
 # Hosts (host.xsd)
 
-def host_xml(cloud: Cloud, host: Host) -> str:
+def host_xml(cloud: CloudState, host: Host) -> str:
     if host.xml_cache is None:
         host.xml_cache = _host(cloud, host)
     return host.xml_cache
 
 
-def _host(cloud: Cloud, host: Host) -> str:
+def _host(cloud: CloudState, host: Host) -> str:
     ds_id = cloud.cluster_ds.get(host.cluster_id, 0)
     running = sum(1 for v in host.vm_ids if cloud.vms[v].state == VmState.ACTIVE)
     share = (f"<HOST_SHARE><MEM_USAGE>{running * 524288}</MEM_USAGE><CPU_USAGE>{running * 100}</CPU_USAGE>"
@@ -78,14 +79,14 @@ def _host(cloud: Cloud, host: Host) -> str:
             f"<VMS>{vms}</VMS>{template('TEMPLATE', host.template)}<MONITORING/></HOST>")
 
 
-def host_pool_xml(cloud: Cloud) -> str:
+def host_pool_xml(cloud: CloudState) -> str:
     return "<HOST_POOL>" + "".join(host_xml(cloud, h) for h in cloud.hosts.values()) + "</HOST_POOL>"
 
 
 # ------------------------------------------------------------------------------------------------------------
 # VMs (vm.xsd for .info, vm_pool.xsd for pools)
 
-def vm_xml(cloud: Cloud, vm: Vm, full: bool) -> str:
+def vm_xml(cloud: CloudState, vm: Vm, full: bool) -> str:
     """`full`: the `one.vm.info` body (every history record); else the short pool body."""
     if full:
         if vm.xml_full is None:
@@ -161,7 +162,7 @@ def _history_short(vm: Vm, h: History) -> str:
             f"<TM_MAD>{h.tm_mad}</TM_MAD><ACTION>{h.action}</ACTION></HISTORY>")
 
 
-def vm_pool_xml(cloud: Cloud, vms: list[Vm], extended: bool) -> str:
+def vm_pool_xml(cloud: CloudState, vms: list[Vm], extended: bool) -> str:
     body = (vm_xml_pool_extended(v) if extended else vm_xml(cloud, v, False) for v in vms)
     return "<VM_POOL>" + "".join(body) + "</VM_POOL>"
 
@@ -183,7 +184,7 @@ def datastore_xml(ds: Datastore) -> str:
             f"{template('TEMPLATE', tmpl)}</DATASTORE>")
 
 
-def datastore_pool_xml(cloud: Cloud) -> str:
+def datastore_pool_xml(cloud: CloudState) -> str:
     return ("<DATASTORE_POOL>" + "".join(datastore_xml(d) for d in sorted(cloud.datastores.values(),
                                                                           key=lambda d: d.id))
             + "</DATASTORE_POOL>")
@@ -192,7 +193,7 @@ def datastore_pool_xml(cloud: Cloud) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # Clusters (`Cluster::to_xml`, src/cluster/Cluster.cc: ID, NAME, HOSTS, DATASTORES, VNETS, TEMPLATE; no plan)
 
-def cluster_pool_xml(cloud: Cloud) -> str:
+def cluster_pool_xml(cloud: CloudState) -> str:
     out = []
     for cid in sorted(cloud.cluster_ds):
         hosts = "".join(f"<ID>{h.id}</ID>" for h in cloud.hosts.values() if h.cluster_id == cid)
