@@ -61,7 +61,7 @@ def tcp(hid: int, port: int) -> str:
     """answers (banner or an orderly close), silent (connected, nothing comes), or refused."""
     try:
         conn = socket.create_connection((address(hid), port), timeout=1.0)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: the listener closed during the handshake
         return "refused"
     except TimeoutError:
         return "silent"
