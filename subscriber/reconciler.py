@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from oneha.incidents import IncidentStore
+from oneha.incidents import IncidentStore, is_closed
 from oneha.keys import HOST_QUEUE, VM_QUEUE
 from oneha.opennebula import (
     HOST_FAILED_STATES,
@@ -259,7 +259,7 @@ class Reconciler:
             if kind is None or status is None:
                 continue
             kind, status = _text(kind), _text(status)
-            if status not in ("recovered", "partial", "failed", "cancelled", "no_action"):
+            if not is_closed(status):
                 counts[(kind, status)] += 1
         return counts
 
