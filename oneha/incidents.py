@@ -246,8 +246,12 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
 """
 
-# KEYS: open key, due zset, handled hash, incident hash. ARGV: id, status, now, detail, resource id, handled value.
+# KEYS: open key, due zset, handled hash, incident hash. ARGV: id, status, now, detail, resource id, handled value,
+# the statuses it may be closed from (TRANSITIONS). An incident already closed stays as the first close left it
+# (returns 0). A hash lost with Redis is closed all the same: its open key and due entry must not outlive it.
 _CLOSE = """
+local status = redis.call('HGET', KEYS[4], 'status')
+if status and not string.find(' ' .. ARGV[7] .. ' ', ' ' .. status .. ' ', 1, true) then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[4], 'status', ARGV[2], 'closed_at', ARGV[3], 'updated_at', ARGV[3], 'detail', ARGV[4])
@@ -456,18 +460,24 @@ class IncidentStore:
         self.r.hset(self.keys.incident(incident_id), mapping=mapping)
 
     def close(self, incident: Incident, status: Status, detail: str = "", handled: bool = True,
-              handled_token: str = "") -> None:
-        """Close an incident. `handled` leaves the marker that suppresses repeats of this same failure."""
+              handled_token: str = "") -> bool:
+        """Close an incident. `handled` leaves the marker that suppresses repeats of this same failure. False (and
+        audited) if it was closed already: the first close stands."""
         assert not status.is_open
         k = self.keys
         res = incident.kind.resource
         marker = f"{incident.id}:{handled_token}" if handled else ""
-        self._close(
+        sources = " ".join(s.value for s in allowed_from(status))
+        closed = self._close(
             keys=[k.open_incident(res, incident.resource_id), k.due, k.handled(res), k.incident(incident.id)],
-            args=[incident.id, status.value, time.time(), detail, incident.resource_id, marker],
+            args=[incident.id, status.value, time.time(), detail, incident.resource_id, marker, sources],
         )
+        if not int(closed):
+            self.audit(incident.id, "close_refused", status=status.value, detail=detail)
+            return False
         self.audit(incident.id, f"closed:{status.value}", detail=detail)
         self._expire(incident.id)
+        return True
 
     def record_vm(self, incident_id: int, vm_id: int, record: dict[str, Any],
                   pipe: Pipeline | None = None) -> None:

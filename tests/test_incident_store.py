@@ -96,3 +96,15 @@ def test_lua_scripts_take_key_shapes_from_keys(redis_url: str) -> None:
     assert s.cancel_waiting("host", 5, "came back") == first.incident_id
     assert s.r.hget(k.incident(first.incident_id), "status") == "cancelled"
     assert not s.r.keys("oneha:*")  # nothing under the default prefix
+
+
+def test_a_closed_incident_stays_as_the_first_close_left_it(redis_url: str) -> None:
+    s = store(redis_url)
+    inc = s.get(s.report(Kind.HOST, 6, 0, grace_s=0, source="zmq").incident_id)
+    assert inc is not None
+    assert s.close(inc, Status.PARTIAL, "1/2 VMs recovered")
+    assert not s.close(inc, Status.RECOVERED, "a late copy of the task")
+    after = s.get(inc.id)
+    assert after is not None and after.status is Status.PARTIAL and after.detail == "1/2 VMs recovered"
+    assert [e["event"] for e in s.log(inc.id)][-2:] == ["closed:partial", "close_refused"]
+    assert s.handled_ids("host") == {6: f"{inc.id}:"}
