@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -379,6 +380,13 @@ class IncidentStore:
         pipe.hexists(self.keys.handled(resource), str(resource_id))
         return any(pipe.execute())
 
+    def open_incident_ids(self, resource: Resource, resource_ids: Sequence[int]) -> list[int | None]:
+        """For each resource, the id of its open incident (None: none), in one MGET."""
+        if not resource_ids:
+            return []
+        raw = self.r.mget([self.keys.open_incident(resource, i) for i in resource_ids])
+        return [int(v) if v is not None else None for v in raw]
+
     def open_incident_id(self, resource: Resource, resource_id: int) -> int | None:
         raw = self.r.get(self.keys.open_incident(resource, resource_id))
         return int(raw) if raw is not None else None
@@ -552,6 +560,18 @@ class IncidentStore:
 
     def open_incidents(self) -> list[Incident]:
         return [inc for inc in self.recent(self.max_incidents) if inc.status.is_open]
+
+    def open_counts(self) -> Counter[tuple[str, str]]:
+        """Open incidents by (kind, status) (the gauges): the index, then one pipelined HMGET per incident."""
+        ids = self.r.zrevrange(self.keys.incident_index, 0, self.max_incidents - 1)
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(self.keys.incident(_text(i)), "kind", "status")
+        counts: Counter[tuple[str, str]] = Counter()
+        for kind, status in pipe.execute() if ids else []:
+            if kind is not None and status is not None and not is_closed(_text(status)):
+                counts[(_text(kind), _text(status))] += 1
+        return counts
 
     # Retention -------------------------------------------------------------------------------------------------
     def _expire(self, incident_id: int) -> None:

@@ -108,3 +108,15 @@ def test_a_closed_incident_stays_as_the_first_close_left_it(redis_url: str) -> N
     assert after is not None and after.status is Status.PARTIAL and after.detail == "1/2 VMs recovered"
     assert [e["event"] for e in s.log(inc.id)][-2:] == ["closed:partial", "close_refused"]
     assert s.handled_ids("host") == {6: f"{inc.id}:"}
+
+
+def test_open_incident_ids_and_open_counts(redis_url: str) -> None:
+    s = store(redis_url, prefix="counts", decode=False)  # the subscriber's client returns bytes
+    a = s.report(Kind.HOST, 1, 0, grace_s=60, source="zmq").incident_id
+    b = s.report(Kind.VM_CRASH, 9, 0, grace_s=60, source="zmq").incident_id
+    s.report(Kind.HOST, 2, 0, grace_s=60, source="zmq")
+    assert s.set_status(b, Status.HELD, "storm guard")
+    closed = s.get(s.open_incident_ids("host", [2])[0] or 0)
+    assert closed is not None and s.close(closed, Status.NO_ACTION, handled=False)
+    assert s.open_incident_ids("host", [1, 2, 3]) == [a, None, None] and s.open_incident_ids("host", []) == []
+    assert s.open_counts() == {("host", "waiting"): 1, ("vm_crash", "held"): 1}
