@@ -296,7 +296,6 @@ class IncidentStore:
         self._claim = client.register_script(_CLAIM_DUE)
         self._close = client.register_script(_CLOSE)
         self._transition = client.register_script(_TRANSITION)
-        self._finish_vm = client.register_script(_FINISH_VM)
 
     # Intake ----------------------------------------------------------------------------------------------------
     def report(self, kind: Kind, resource_id: int, cluster_id: int, grace_s: float, source: str,
@@ -524,7 +523,8 @@ class IncidentStore:
         True if it was the last pending VM: the caller closes the incident."""
         pipe = pipe if pipe is not None else self.r.pipeline(transaction=False)
         self.record_vm(incident_id, vm_id, record, pipe)
-        self._finish_vm(keys=[self.keys.incident_pending_vms(incident_id)], args=[vm_id], client=pipe)
+        # EVAL, not a registered script: on a pipeline redis-py would first ask SCRIPT EXISTS (one more round trip).
+        pipe.eval(_FINISH_VM, 1, self.keys.incident_pending_vms(incident_id), str(vm_id))
         return int(pipe.execute()[-1]) == 1
 
     def vm_records(self, incident_id: int) -> dict[int, dict[str, Any]]:
