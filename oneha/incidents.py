@@ -65,7 +65,7 @@ _CLOSED_VALUES = frozenset(s.value for s in CLOSED_STATUSES)
 # after a lease ran out, a held incident re-checked, a failed fence approved.
 _WORKING = frozenset({Status.RUNNING, Status.HELD, Status.FENCE_FAILED, Status.RECOVERING})
 # Every status change, declared: status -> the statuses it may become. Closed is final. Checked in Redis, atomically,
-# by every change the store makes (`_TRANSITION`, `_CANCEL_WAITING`); `close` may close any open incident.
+# by every change the store makes (`_TRANSITION`, `_CLOSE`; `_CANCEL_WAITING` is WAITING -> CANCELLED only).
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.WAITING: frozenset({Status.QUEUED}) | _WORKING | CLOSED_STATUSES,
     Status.QUEUED: _WORKING | CLOSED_STATUSES,
@@ -515,6 +515,8 @@ class IncidentStore:
 
     def started_vms(self, incident_id: int, vm_ids: Sequence[int]) -> list[bool]:
         """For each VM: has its task started at least once."""
+        if not vm_ids:
+            return []
         raw = self.r.smismember(self.keys.incident_started_vms(incident_id), [str(v) for v in vm_ids])
         return [bool(x) for x in raw]
 

@@ -71,7 +71,7 @@ def test_vm_bookkeeping_of_a_host_incident(redis_url: str) -> None:
     pipe = s.r.pipeline(transaction=False)
     s.mark_vm_started(inc_id, 10, pipe)
     pipe.execute()
-    assert s.started_vms(inc_id, [10, 11]) == [True, False]
+    assert s.started_vms(inc_id, [10, 11]) == [True, False] and s.started_vms(inc_id, []) == []
     assert not s.finish_vm(inc_id, 10, {"result": "recovered"})
     assert not s.finish_vm(inc_id, 10, {"result": "recovered"})  # a duplicate task does not close twice
     pipe = s.r.pipeline(transaction=False)
