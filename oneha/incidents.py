@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from oneha.keys import Keys, Resource
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
+ID = "{id}"  # stands for the incident id in a key template (Keys.incident(ID)) that a Lua script fills in
 
 
 class Kind(StrEnum):
@@ -54,6 +60,28 @@ class Status(StrEnum):
 
 
 CLOSED_STATUSES = frozenset({Status.RECOVERED, Status.PARTIAL, Status.FAILED, Status.CANCELLED, Status.NO_ACTION})
+_CLOSED_VALUES = frozenset(s.value for s in CLOSED_STATUSES)
+# What a worker sets while it handles an incident. A worker may find an incident in any open status: a re-dispatch
+# after a lease ran out, a held incident re-checked, a failed fence approved.
+_WORKING = frozenset({Status.RUNNING, Status.HELD, Status.FENCE_FAILED, Status.RECOVERING})
+# Every status change, declared: status -> the statuses it may become. Closed is final. Checked in Redis, atomically,
+# by every change the store makes (`_TRANSITION`, `_CLOSE`; `_CANCEL_WAITING` is WAITING -> CANCELLED only).
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.WAITING: frozenset({Status.QUEUED}) | _WORKING | CLOSED_STATUSES,
+    Status.QUEUED: _WORKING | CLOSED_STATUSES,
+    **{s: _WORKING | CLOSED_STATUSES for s in _WORKING},
+    **{s: frozenset() for s in CLOSED_STATUSES},
+}
+
+
+def is_closed(status: str) -> bool:
+    """A status as read from Redis (a bare string) is closed."""
+    return status in _CLOSED_VALUES
+
+
+def allowed_from(status: Status) -> list[Status]:
+    """The statuses an incident may be in to become `status` (TRANSITIONS read backwards)."""
+    return sorted(s for s, targets in TRANSITIONS.items() if status in targets)
 
 
 @dataclass
@@ -118,16 +146,18 @@ class Report:
 
 
 # One report, shared by _REPORT and _REPORT_MANY: returns id, opened (1/0), why not opened ('open', 'handled',
-# 'owned', ''). Arguments: open key, handled hash, seq, due zset, index zset; prefix, kind, resource id, cluster id,
+# 'owned', ''). Arguments: open key, handled hash, seq, due zset, index zset; incident key template (Keys.incident
+# of ID: the id is handed out here), kind, resource id, cluster id,
 # now, due, source, handled-token (VM history seq or ""), owner key (open key of a crashed VM's host, or "").
 # All strings, as the callers pass them. A VM that went UNKNOWN because its host failed is the host incident's:
 # opening a crash incident for each would only add oned calls (and noise) while the host is being recovered.
 _REPORT_FN = """
-local function report(open_key, handled_key, seq_key, due_key, index_key, prefix, kind, rid, cluster, now, due,
+local function key_of(template, id) return (string.gsub(template, '{id}', id)) end
+local function report(open_key, handled_key, seq_key, due_key, index_key, incident_key, kind, rid, cluster, now, due,
                       source, token, owner_key)
   local existing = redis.call('GET', open_key)
   if existing then
-    redis.call('HINCRBY', prefix .. ':incident:' .. existing, 'reports', 1)
+    redis.call('HINCRBY', key_of(incident_key, existing), 'reports', 1)
     return tonumber(existing), 0, 'open'
   end
   if owner_key ~= '' then
@@ -151,7 +181,7 @@ local function report(open_key, handled_key, seq_key, due_key, index_key, prefix
     redis.call('SET', seq_key, (tonumber(t[1]) - 1735689600) * 1000 + math.floor(tonumber(t[2]) / 1000))
   end
   local id = redis.call('INCR', seq_key)
-  local key = prefix .. ':incident:' .. id
+  local key = key_of(incident_key, id)
   redis.call('SET', open_key, id)
   redis.call('HSET', key, 'id', id, 'kind', kind, 'resource_id', rid, 'cluster_id', cluster,
     'status', 'waiting', 'source', source, 'opened_at', now, 'due_at', due, 'updated_at', now,
@@ -163,7 +193,7 @@ end
 """
 
 # KEYS: open key, handled hash, seq, due zset, index zset.
-# ARGV: prefix, kind, resource id, cluster id, now, due, source, handled-token (VM history seq or ""), owner key.
+# ARGV: incident key template, kind, resource id, cluster id, now, due, source, handled-token, owner key.
 _REPORT = _REPORT_FN + """
 local id, opened, reason = report(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
                                   ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
@@ -171,11 +201,11 @@ return {id, opened, reason}
 """
 
 # Many reports in one call, each exactly as _REPORT, in order; the audit entry of every incident opened is written
-# here too (key as Keys.incident_log). One command instead of a pipeline of scripts plus a pipeline of audit
-# writes: redis-py spends far more time packing and parsing commands than Redis spends running them.
-# KEYS: seq, due zset, index zset. ARGV: prefix, audit entries kept, JSON list of
+# here too (ARGV[4]: the template of Keys.incident_log). One command instead of a pipeline of scripts plus a
+# pipeline of audit writes: redis-py spends far more time packing and parsing commands than Redis spends running them.
+# KEYS: seq, due zset, index zset. ARGV: incident key template, audit entries kept, JSON list of
 # [open key, handled hash, kind, resource id, cluster id, now, due, source, token, audit entry, owner key]
-# (all strings).
+# (all strings), audit log key template.
 # Returns JSON: [id, opened, reason, id, opened, reason, ...].
 _REPORT_MANY = _REPORT_FN + """
 local keep = tonumber(ARGV[2])
@@ -184,7 +214,7 @@ for _, q in ipairs(cjson.decode(ARGV[3])) do
   local id, opened, reason = report(q[1], q[2], KEYS[1], KEYS[2], KEYS[3], ARGV[1], q[3], q[4], q[5], q[6], q[7],
                                     q[8], q[9], q[11])
   if opened == 1 then
-    local log = ARGV[1] .. ':incident:' .. id .. ':log'
+    local log = key_of(ARGV[4], id)
     redis.call('RPUSH', log, q[10])
     redis.call('LTRIM', log, -keep, -1)
   end
@@ -196,11 +226,12 @@ return cjson.encode(out)
 """
 REPORT_CHUNK = 500  # reports per _REPORT_MANY call: bounds how long one call keeps Redis busy (about a millisecond)
 
-# KEYS: open key, due zset. ARGV: prefix, now, detail. Cancels only an incident still in its grace period.
+# KEYS: open key, due zset. ARGV: incident key template, now, detail. Cancels only an incident still in its grace
+# period (TRANSITIONS: WAITING -> CANCELLED).
 _CANCEL_WAITING = """
 local id = redis.call('GET', KEYS[1])
 if not id then return nil end
-local key = ARGV[1] .. ':incident:' .. id
+local key = string.gsub(ARGV[1], '{id}', id)
 if redis.call('HGET', key, 'status') ~= 'waiting' then return nil end
 redis.call('HSET', key, 'status', 'cancelled', 'closed_at', ARGV[2], 'updated_at', ARGV[2], 'detail', ARGV[3])
 redis.call('DEL', KEYS[1])
@@ -216,13 +247,36 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
 """
 
-# KEYS: open key, due zset, handled hash, incident hash. ARGV: id, status, now, detail, resource id, handled value.
+# KEYS: open key, due zset, handled hash, incident hash. ARGV: id, status, now, detail, resource id, handled value,
+# the statuses it may be closed from (TRANSITIONS). An incident already closed stays as the first close left it
+# (returns 0). A hash lost with Redis is closed all the same: its open key and due entry must not outlive it.
 _CLOSE = """
+local status = redis.call('HGET', KEYS[4], 'status')
+if status and not string.find(' ' .. ARGV[7] .. ' ', ' ' .. status .. ' ', 1, true) then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[4], 'status', ARGV[2], 'closed_at', ARGV[3], 'updated_at', ARGV[3], 'detail', ARGV[4])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[6]) end
 return 1
+"""
+
+# KEYS: incident hash. ARGV: new status, now, the statuses it may be changed from (space-separated, from
+# TRANSITIONS), then field, value pairs to set with it. Returns {status before, 1 if changed else 0}, or nil if
+# there is no such incident (nothing is written: a lost or expired incident is not brought back half-empty).
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+if not string.find(' ' .. ARGV[3] .. ' ', ' ' .. status .. ' ', 1, true) then return {status, 0} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2], unpack(ARGV, 4))
+return {status, 1}
+"""
+
+# KEYS: pending set of a host incident. ARGV: vm id. Takes the VM off; 1 if it was the last one (the caller
+# closes the incident), else 0.
+_FINISH_VM = """
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
 """
 
 
@@ -241,6 +295,7 @@ class IncidentStore:
         self._cancel = client.register_script(_CANCEL_WAITING)
         self._claim = client.register_script(_CLAIM_DUE)
         self._close = client.register_script(_CLOSE)
+        self._transition = client.register_script(_TRANSITION)
 
     # Intake ----------------------------------------------------------------------------------------------------
     def report(self, kind: Kind, resource_id: int, cluster_id: int, grace_s: float, source: str,
@@ -256,7 +311,7 @@ class IncidentStore:
         res = kind.resource
         raw = self._report(
             keys=[k.open_incident(res, resource_id), k.handled(res), k.incident_seq, k.due, k.incident_index],
-            args=[k.prefix, kind.value, resource_id, cluster_id, now, now + grace_s, source, token,
+            args=[k.incident(ID), kind.value, resource_id, cluster_id, now, now + grace_s, source, token,
                   self._owner_key(owner_host)],
         )
         incident_id, opened, reason = int(raw[0]), bool(int(raw[1])), _text(raw[2])
@@ -292,7 +347,8 @@ class IncidentStore:
         for start in range(0, len(rows), REPORT_CHUNK):
             raw = json.loads(self._report_many(
                 keys=[k.incident_seq, k.due, k.incident_index],
-                args=[k.prefix, self.log_entries, json.dumps(rows[start:start + REPORT_CHUNK])]))
+                args=[k.incident(ID), self.log_entries, json.dumps(rows[start:start + REPORT_CHUNK]),
+                      k.incident_log(ID)]))
             out.extend(Report(int(raw[i]), bool(raw[i + 1]), raw[i + 2]) for i in range(0, len(raw), 3))
         return out
 
@@ -300,7 +356,7 @@ class IncidentStore:
         """Cancel the open incident of a resource if it is still in its grace period; its id, or None."""
         now = time.time()
         raw = self._cancel(keys=[self.keys.open_incident(resource, resource_id), self.keys.due],
-                           args=[self.keys.prefix, now, detail])
+                           args=[self.keys.incident(ID), now, detail])
         if raw is None:
             return None
         self.audit(int(raw), "cancelled", detail=detail)
@@ -322,6 +378,13 @@ class IncidentStore:
         pipe.exists(self.keys.open_incident(resource, resource_id))
         pipe.hexists(self.keys.handled(resource), str(resource_id))
         return any(pipe.execute())
+
+    def open_incident_ids(self, resource: Resource, resource_ids: Sequence[int]) -> list[int | None]:
+        """For each resource, the id of its open incident (None: none), in one MGET."""
+        if not resource_ids:
+            return []
+        raw = self.r.mget([self.keys.open_incident(resource, i) for i in resource_ids])
+        return [int(v) if v is not None else None for v in raw]
 
     def open_incident_id(self, resource: Resource, resource_id: int) -> int | None:
         raw = self.r.get(self.keys.open_incident(resource, resource_id))
@@ -372,45 +435,115 @@ class IncidentStore:
         return ready
 
     # Worker updates ------------------------------------------------------------------------------------------
-    def set_status(self, incident_id: int, status: Status, detail: str = "", **fields: Any) -> None:
-        mapping: dict[Any, Any] = {"status": status.value, "updated_at": time.time(), **fields}
+    def set_status(self, incident_id: int, status: Status, detail: str = "", **fields: Any) -> bool:
+        """Change the status (with `fields`) if TRANSITIONS allows it from the one in Redis; False if not (audited:
+        a late worker must not reopen an incident closed meanwhile)."""
         if detail:
-            mapping["detail"] = detail
-        self.r.hset(self.keys.incident(incident_id), mapping=mapping)
-        self.audit(incident_id, f"status:{status.value}", detail=detail)
+            fields["detail"] = detail
+        before, changed = self._change(incident_id, status, **fields)
+        if changed:
+            self.audit(incident_id, f"status:{status.value}", detail=detail)
+        elif before is not None:
+            self.audit(incident_id, "status_refused", status=status.value, was=before, detail=detail)
+        return changed
+
+    def mark_queued(self, incident_id: int) -> str | None:
+        """WAITING -> QUEUED (the dispatcher, before it sends the task); the status it had (None: no incident)."""
+        return self._change(incident_id, Status.QUEUED)[0]
+
+    def _change(self, incident_id: int, status: Status, **fields: Any) -> tuple[str | None, bool]:
+        """The one writer of `status` but for report/cancel/close: (status before, changed), checked in Redis
+        against TRANSITIONS."""
+        sources = " ".join(s.value for s in allowed_from(status))
+        pairs = [x for kv in fields.items() for x in kv]
+        raw = self._transition(keys=[self.keys.incident(incident_id)],
+                               args=[status.value, time.time(), sources, *pairs])
+        if raw is None:
+            return None, False
+        return _text(raw[0]), bool(int(raw[1]))
 
     def set_fields(self, incident_id: int, **fields: Any) -> None:
         mapping: dict[Any, Any] = {**fields, "updated_at": time.time()}
         self.r.hset(self.keys.incident(incident_id), mapping=mapping)
 
     def close(self, incident: Incident, status: Status, detail: str = "", handled: bool = True,
-              handled_token: str = "") -> None:
-        """Close an incident. `handled` leaves the marker that suppresses repeats of this same failure."""
+              handled_token: str = "") -> bool:
+        """Close an incident. `handled` leaves the marker that suppresses repeats of this same failure. False (and
+        audited) if it was closed already: the first close stands."""
         assert not status.is_open
         k = self.keys
         res = incident.kind.resource
         marker = f"{incident.id}:{handled_token}" if handled else ""
-        self._close(
+        sources = " ".join(s.value for s in allowed_from(status))
+        closed = self._close(
             keys=[k.open_incident(res, incident.resource_id), k.due, k.handled(res), k.incident(incident.id)],
-            args=[incident.id, status.value, time.time(), detail, incident.resource_id, marker],
+            args=[incident.id, status.value, time.time(), detail, incident.resource_id, marker, sources],
         )
+        if not int(closed):
+            self.audit(incident.id, "close_refused", status=status.value, detail=detail)
+            return False
         self.audit(incident.id, f"closed:{status.value}", detail=detail)
         self._expire(incident.id)
+        return True
 
-    def record_vm(self, incident_id: int, vm_id: int, record: dict[str, Any]) -> None:
-        self.r.hset(self.keys.incident_vms(incident_id), str(vm_id), json.dumps(record, sort_keys=True))
+    def record_vm(self, incident_id: int, vm_id: int, record: dict[str, Any],
+                  pipe: Pipeline | None = None) -> None:
+        (pipe if pipe is not None else self.r).hset(
+            self.keys.incident_vms(incident_id), str(vm_id), json.dumps(record, sort_keys=True))
+
+    # VM tasks of a host incident -------------------------------------------------------------------------------
+    def add_pending_vms(self, incident_id: int, vm_ids: Sequence[int]) -> None:
+        """VMs whose recovery task has yet to finish (the host incident closes when the set empties)."""
+        if vm_ids:
+            self.r.sadd(self.keys.incident_pending_vms(incident_id), *vm_ids)
+
+    def pending_vms(self, incident_id: int) -> set[int]:
+        return {int(v) for v in self.r.smembers(self.keys.incident_pending_vms(incident_id))}
+
+    def get_if_vm_pending(self, incident_id: int, vm_id: int) -> tuple[Incident | None, bool]:
+        """One round trip: the incident, and whether this VM is still pending."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.keys.incident(incident_id))
+        pipe.sismember(self.keys.incident_pending_vms(incident_id), str(vm_id))
+        raw, pending = pipe.execute()
+        found = Incident.from_hash({_text(k): _text(v) for k, v in raw.items()}) if raw else None
+        return found, bool(pending)
+
+    def mark_vm_started(self, incident_id: int, vm_id: int, pipe: Pipeline) -> None:
+        """Queued on `pipe`: the VM's task has started at least once (a re-run then knows it is not still queued)."""
+        pipe.sadd(self.keys.incident_started_vms(incident_id), str(vm_id))
+
+    def started_vms(self, incident_id: int, vm_ids: Sequence[int]) -> list[bool]:
+        """For each VM: has its task started at least once."""
+        if not vm_ids:
+            return []
+        raw = self.r.smismember(self.keys.incident_started_vms(incident_id), [str(v) for v in vm_ids])
+        return [bool(x) for x in raw]
+
+    def finish_vm(self, incident_id: int, vm_id: int, record: dict[str, Any], pipe: Pipeline | None = None) -> bool:
+        """Record the VM and take it off the pending set, in one round trip with whatever `pipe` already holds.
+        True if it was the last pending VM: the caller closes the incident."""
+        pipe = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        self.record_vm(incident_id, vm_id, record, pipe)
+        # EVAL, not a registered script: on a pipeline redis-py would first ask SCRIPT EXISTS (one more round trip).
+        pipe.eval(_FINISH_VM, 1, self.keys.incident_pending_vms(incident_id), str(vm_id))
+        return int(pipe.execute()[-1]) == 1
 
     def vm_records(self, incident_id: int) -> dict[int, dict[str, Any]]:
         raw = self.r.hgetall(self.keys.incident_vms(incident_id))
         return {int(k): json.loads(v) for k, v in raw.items()}
 
     def audit(self, incident_id: int, event: str, **fields: Any) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        self.audit_on(pipe, incident_id, event, **fields)
+        pipe.execute()
+
+    def audit_on(self, pipe: Pipeline, incident_id: int, event: str, **fields: Any) -> None:
+        """Queue an audit entry on `pipe` (the caller executes it, with whatever else it holds)."""
         entry = json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=str, sort_keys=True)
         key = self.keys.incident_log(incident_id)
-        pipe = self.r.pipeline(transaction=False)
         pipe.rpush(key, entry)
         pipe.ltrim(key, -self.log_entries, -1)
-        pipe.execute()
 
     def log(self, incident_id: int) -> list[dict[str, Any]]:
         return [json.loads(e) for e in self.r.lrange(self.keys.incident_log(incident_id), 0, -1)]
@@ -429,6 +562,18 @@ class IncidentStore:
 
     def open_incidents(self) -> list[Incident]:
         return [inc for inc in self.recent(self.max_incidents) if inc.status.is_open]
+
+    def open_counts(self) -> Counter[tuple[str, str]]:
+        """Open incidents by (kind, status) (the gauges): the index, then one pipelined HMGET per incident."""
+        ids = self.r.zrevrange(self.keys.incident_index, 0, self.max_incidents - 1)
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(self.keys.incident(_text(i)), "kind", "status")
+        counts: Counter[tuple[str, str]] = Counter()
+        for kind, status in pipe.execute() if ids else []:
+            if kind is not None and status is not None and not is_closed(_text(status)):
+                counts[(_text(kind), _text(status))] += 1
+        return counts
 
     # Retention -------------------------------------------------------------------------------------------------
     def _expire(self, incident_id: int) -> None:

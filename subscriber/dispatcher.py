@@ -19,23 +19,13 @@ from typing import Any
 import redis
 
 from oneha.celeryconf import warm_up_producer
-from oneha.incidents import CLOSED_STATUSES, Incident, IncidentStore, Kind
+from oneha.incidents import Incident, IncidentStore, Kind, is_closed
 from oneha.keys import HOST_QUEUE, TASK_RECOVER_HOST, TASK_VM_INCIDENT, VM_QUEUE
 from oneha.subscriber import metrics
 from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.dispatcher")
 
-# KEYS: incident hash. ARGV: now. WAITING -> QUEUED only; returns the status the incident had.
-_MARK_QUEUED = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'waiting' then
-  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[1])
-end
-return status
-"""
-
-CLOSED = frozenset(s.value for s in CLOSED_STATUSES)
 SEND_RETRY_S = 5.0  # a failed send (broker down) is retried this soon rather than after a whole lease
 
 
@@ -55,7 +45,6 @@ class Dispatcher:
         self.interval_s = interval_s
         self.stop = stop
         self.wake = wake or threading.Event()
-        self._mark = store.r.register_script(_MARK_QUEUED)
         self.sent = 0
 
     def run(self) -> None:
@@ -89,9 +78,8 @@ class Dispatcher:
         return sent
 
     def _dispatch(self, incident: Incident) -> bool:
-        previous = self._mark(keys=[self.store.keys.incident(incident.id)], args=[time.time()])
-        previous = previous.decode() if isinstance(previous, bytes) else previous
-        if previous is None or previous in CLOSED:
+        previous = self.store.mark_queued(incident.id)
+        if previous is None or is_closed(previous):
             return False  # closed between the claim and now
         name, queue = route(incident.kind)
         try:

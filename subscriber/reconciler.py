@@ -169,10 +169,10 @@ class Reconciler:
     def _healthy_hosts(self, healthy: list[HostView], scan_started: float, stats: PassStats) -> None:
         if not healthy:
             return
-        keys = [self.store.keys.open_incident("host", h.id) for h in healthy]
-        opened = [(h, raw) for h, raw in zip(healthy, self.store.r.mget(keys), strict=True) if raw is not None]
-        for host, raw in opened:
-            incident = self.store.get(int(raw))
+        ids = self.store.open_incident_ids("host", [h.id for h in healthy])
+        opened = [(h, i) for h, i in zip(healthy, ids, strict=True) if i is not None]
+        for host, incident_id in opened:
+            incident = self.store.get(incident_id)
             # Only what was opened before this pass read the pool: a failure reported since is newer than our view.
             if incident is not None and incident.opened_at < scan_started:
                 self._feed(HostEvent(host.id, host.state, host), stats)
@@ -249,24 +249,8 @@ class Reconciler:
             log.warning("gauges: redis unavailable", extra=kv(error=type(exc).__name__))
 
     def open_counts(self) -> Counter[tuple[str, str]]:
-        """Open incidents by (kind, status): the index, then one pipelined HMGET per incident."""
-        ids = self.store.r.zrevrange(self.store.keys.incident_index, 0, self.store.max_incidents - 1)
-        pipe = self.store.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.hmget(self.store.keys.incident(_text(i)), "kind", "status")
-        counts: Counter[tuple[str, str]] = Counter()
-        for kind, status in pipe.execute() if ids else []:
-            if kind is None or status is None:
-                continue
-            kind, status = _text(kind), _text(status)
-            if status not in ("recovered", "partial", "failed", "cancelled", "no_action"):
-                counts[(kind, status)] += 1
-        return counts
+        return self.store.open_counts()
 
 
 def _failing(vm: VmView) -> bool:
     return failure_kind(VmEvent(vm.id, vm.state, vm.lcm_state, vm)) is not None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

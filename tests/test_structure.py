@@ -106,3 +106,56 @@ def test_no_function_over_50_lines():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+# Incident state has one owner, oneha/incidents.py: no other module names an incident key (reads or writes it by
+# hand, or hands it to a Lua script), and every key shape comes from oneha/keys.py. The other Lua scripts (VM claims
+# in vm_steps, leases, oned slots, stream pruning) touch none.
+INCIDENT_KEY_NAMES = {"incident", "incident_seq", "incident_vms", "incident_pending_vms", "incident_started_vms",
+                      "incident_log", "incident_index", "open_incident", "handled", "due"}
+INCIDENT_OWNERS = {ROOT / "oneha" / "incidents.py", ROOT / "oneha" / "keys.py"}
+
+
+def _has_lua(tree: ast.Module) -> bool:
+    return any((isinstance(n, ast.Constant) and isinstance(n.value, str) and "redis.call" in n.value)
+               or (isinstance(n, ast.Attribute) and n.attr in ("register_script", "eval", "evalsha"))
+               for n in ast.walk(tree))
+
+
+def _keys_used(tree: ast.Module) -> set[str]:
+    """Names taken from a `Keys` (`keys.x`, `rt.keys.x(...)`)."""
+    def is_keys(node: ast.expr) -> bool:
+        return ((isinstance(node, ast.Name) and node.id in ("keys", "k"))
+                or (isinstance(node, ast.Attribute) and node.attr == "keys"))
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_keys(n.value)}
+
+
+def incident_state_offenders() -> list[str]:
+    offenders = []
+    for folder in PACKAGES:
+        for _, path in _modules(folder):
+            if path in INCIDENT_OWNERS:
+                continue
+            text = path.read_text()
+            if ":incident:" in text:
+                offenders.append(f"{path.relative_to(ROOT)}: builds an incident key by hand")
+            tree = ast.parse(text)
+            used = sorted(_keys_used(tree) & INCIDENT_KEY_NAMES)
+            if used:
+                what = "Lua beside incident keys" if _has_lua(tree) else "incident keys by hand"
+                offenders.append(f"{path.relative_to(ROOT)}: {what} {used}")
+    return offenders
+
+
+def test_only_the_incident_store_touches_incident_state():
+    assert incident_state_offenders() == []
+
+
+def test_the_incident_key_check_sees_a_script_over_incident_keys():
+    from oneha.keys import Keys
+
+    assert {name for name in dir(Keys) if name.startswith("incident")} <= INCIDENT_KEY_NAMES
+    tree = ast.parse('S = "redis.call(\'HSET\', KEYS[1])"\nr.eval(S, 1, keys.incident_pending_vms(3))')
+    assert _has_lua(tree)
+    assert _keys_used(tree) & INCIDENT_KEY_NAMES == {"incident_pending_vms"}
+    assert not _keys_used(ast.parse("flow.incident.id"))  # an Incident, not a key

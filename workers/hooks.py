@@ -14,7 +14,6 @@ Metric names are part of the interface (dashboards, alerts): keep them exactly.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -75,11 +74,7 @@ class Hooks:
         if pipe is None:
             flow.rt.store.audit(flow.incident.id, "vm", **fields)
         else:
-            store = flow.rt.store
-            entry = json.dumps({"t": round(time.time(), 3), "event": "vm", **fields}, default=str, sort_keys=True)
-            key = store.keys.incident_log(flow.incident.id)
-            pipe.rpush(key, entry)
-            pipe.ltrim(key, -store.log_entries, -1)
+            flow.rt.store.audit_on(pipe, flow.incident.id, "vm", **fields)
         if result not in ("recovered", "skipped", "dry_run"):
             log.warning("incident %s: VM %s %s (%s)", flow.incident.id, vm_id, result, record.get("detail", ""))
 

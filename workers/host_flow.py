@@ -114,8 +114,7 @@ def dispatch_vm_recoveries(flow: Flow, vms: list[VmView]) -> int:
     """Pending set first (one SADD), then RECOVERING, then one task per VM in priority order on the FIFO queue."""
     rt, inc = flow.rt, flow.incident
     order = [v.id for v in vms]
-    if order:
-        rt.redis.sadd(rt.keys.incident_pending_vms(inc.id), *order)
+    rt.store.add_pending_vms(inc.id, order)
     rt.store.set_status(inc.id, Status.RECOVERING, order=json.dumps(order), vms_total=len(order))
     rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in order], VM_QUEUE)
     rt.store.set_fields(inc.id, vm_tasks_sent=1)  # a re-run may trust that unstarted tasks are queued
@@ -132,7 +131,7 @@ def redispatch_pending(flow: Flow) -> int:
     idempotent.
     """
     rt, inc = flow.rt, flow.incident
-    pending = {int(v) for v in rt.redis.smembers(rt.keys.incident_pending_vms(inc.id))}
+    pending = rt.store.pending_vms(inc.id)
     if not pending:
         pending = without_record(rt, inc)
         if not pending:
@@ -142,7 +141,7 @@ def redispatch_pending(flow: Flow) -> int:
         # each VM and record what they find (a VM already recovered: "already left the host"), so the count at
         # the close is true instead of leaving them out.
         rt.store.audit(inc.id, "records_lost", vms=sorted(pending))
-        rt.redis.sadd(rt.keys.incident_pending_vms(inc.id), *pending)
+        rt.store.add_pending_vms(inc.id, sorted(pending))
     order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
     order += sorted(pending - set(order))
     trust_queue = bool(inc.extra.get("vm_tasks_sent")) and vm_queue_moving(rt)
@@ -162,11 +161,11 @@ def vm_queue_moving(rt: Runtime) -> bool:
 
 
 def _started_without_lease(rt: Runtime, incident_id: int, vm_ids: list[int]) -> list[int]:
+    started = rt.store.started_vms(incident_id, vm_ids)
     pipe = rt.redis.pipeline(transaction=False)
-    pipe.smismember(rt.keys.incident_started_vms(incident_id), [str(v) for v in vm_ids])
     for v in vm_ids:
         pipe.exists(rt.keys.lock("vm", v))
-    started, *leased = pipe.execute()
+    leased = pipe.execute()
     return [v for v, s, held in zip(vm_ids, started, leased, strict=True) if s and not held]
 
 

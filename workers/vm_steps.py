@@ -116,13 +116,14 @@ def claim_ttl_s(flow: Flow) -> float:
 
 
 @step("claim_vm")
-def claim_vm(flow: Flow, vm_id: int, lease: Lease | None = None, started_key: str | None = None) -> int:
+def claim_vm(flow: Flow, vm_id: int, lease: Lease | None = None,
+             then: Callable[[redis.client.Pipeline], None] | None = None) -> int:
     """SET NX `vm_recovering`: returns the incident that owns the VM's recovery (ours, or another one).
 
     With `lease`, the VM's lease is taken in the same round trip (a pipeline, not a transaction): the caller
-    holds it when `lease.token` is set, and must release it if the claim went to another incident. With
-    `started_key`, the VM is then added to that set: after the lease, so whoever sees it there without a lease
-    knows its task ended or died.
+    holds it when `lease.token` is set, and must release it if the claim went to another incident. `then` queues
+    more on the same pipeline (the VM task: "started", after the lease, so whoever sees it started without a lease
+    knows its task ended or died).
     """
     r = flow.rt.redis
     args = (_CLAIM, 1, flow.rt.keys.vm_recovering(vm_id), str(flow.incident.id), int(claim_ttl_s(flow) * 1000))
@@ -131,8 +132,8 @@ def claim_vm(flow: Flow, vm_id: int, lease: Lease | None = None, started_key: st
     pipe = r.pipeline(transaction=False)
     pipe.eval(*args)
     lease.acquire(pipe)
-    if started_key is not None:
-        pipe.sadd(started_key, str(vm_id))
+    if then is not None:
+        then(pipe)
     holder, taken, *_ = pipe.execute()
     lease.acquired(taken)
     return int(holder)

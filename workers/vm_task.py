@@ -128,7 +128,7 @@ def outcome_of(end: LoopEnd, started: float) -> VmOutcome:
 
 # Task body -----------------------------------------------------------------------------------------------------------
 def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
-    inc, pending = _incident_if_pending(rt, incident_id, vm_id)
+    inc, pending = rt.store.get_if_vm_pending(incident_id, vm_id)
     if inc is None or not inc.status.is_open:
         return "closed"
     if not pending:
@@ -137,7 +137,7 @@ def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
     flow = Flow(rt, inc, trail=[])
     lease = rt.lease("vm", vm_id)
     # The claim, the VM lease and "started" (a re-run then knows this task is not still queued): one round trip.
-    owner = claim_vm(flow, vm_id, lease, rt.keys.incident_started_vms(incident_id))
+    owner = claim_vm(flow, vm_id, lease, lambda pipe: rt.store.mark_vm_started(incident_id, vm_id, pipe))
     if owner != incident_id:
         if lease.token is not None:
             lease.release()
@@ -153,15 +153,6 @@ def recover_host_vm(rt: Runtime, incident_id: int, vm_id: int) -> str:
     release_vm(flow, vm_id, pipe)
     pipe.execute()
     return result
-
-
-def _incident_if_pending(rt: Runtime, incident_id: int, vm_id: int) -> tuple[Incident | None, bool]:
-    """One round trip: the incident and whether this VM is still pending."""
-    pipe = rt.redis.pipeline(transaction=False)
-    pipe.hgetall(rt.keys.incident(incident_id))
-    pipe.sismember(rt.keys.incident_pending_vms(incident_id), str(vm_id))
-    raw, pending = pipe.execute()
-    return (Incident.from_hash(raw) if raw else None), bool(pending)
 
 
 def _recover_leased(flow: Flow, vm_id: int, lease: Lease) -> str:
@@ -188,23 +179,11 @@ def _recover_leased(flow: Flow, vm_id: int, lease: Lease) -> str:
     return outcome.result
 
 
-# KEYS: pending set. ARGV: vm id. Remove it; 1 if we removed the last one (we close), else 0.
-_FINISH_VM = """
-local removed = redis.call('SREM', KEYS[1], ARGV[1])
-if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
-return 0
-"""
-
-
 def _finish_vm(flow: Flow, vm_id: int, record: dict[str, object], pipe: redis.client.Pipeline | None = None
                ) -> None:
     """Record the VM and take it off the pending set (one round trip, with whatever `pipe` already holds)."""
     rt, inc = flow.rt, flow.incident
-    pipe = pipe if pipe is not None else rt.redis.pipeline(transaction=False)
-    pipe.hset(rt.keys.incident_vms(inc.id), str(vm_id), json.dumps(record, sort_keys=True))
-    pipe.eval(_FINISH_VM, 1, rt.keys.incident_pending_vms(inc.id), str(vm_id))
-    last = pipe.execute()[-1]
-    if int(last) == 1:
+    if rt.store.finish_vm(inc.id, vm_id, record, pipe):
         finish_incident(rt, inc.id)
     else:
         rt.extend(inc.id)
