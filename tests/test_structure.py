@@ -159,3 +159,24 @@ def test_the_incident_key_check_sees_a_script_over_incident_keys():
     assert _has_lua(tree)
     assert _keys_used(tree) & INCIDENT_KEY_NAMES == {"incident_pending_vms"}
     assert not _keys_used(ast.parse("flow.incident.id"))  # an Incident, not a key
+
+
+# Audit entries of the workers have one writer, workers/hooks.py: flows report events (`flow.emit`, outcomes).
+AUDIT_WRITERS = {ROOT / "workers" / "hooks.py"}
+
+
+def audit_writers(folder: str = "workers") -> list[str]:
+    """`file:line` of every `.audit(...)` / `.audit_on(...)` call outside the one writer."""
+    found = []
+    for _, path in _modules(folder):
+        if path in AUDIT_WRITERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("audit", "audit_on")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_only_the_hooks_write_audit_entries():
+    assert audit_writers() == []

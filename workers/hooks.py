@@ -6,6 +6,8 @@ Flows never touch a metric or write an audit entry themselves:
   written with the VM's one `vm` entry (its record and its steps), one Redis write per VM instead of one per step;
 - the oned gateway reports every call to `Hooks.oned_call` / `oned_retry` (it is its `CallObserver`);
 - the outcome helpers `Hooks.fence` and `Hooks.recovery` are called from the one place each outcome is decided;
+- any other event a flow reports with `flow.emit(event, **fields)` (dry run, outcome unknown, paused, redispatch,
+  records lost) becomes its audit entry in `Hooks.event`, the one writer (tests/test_structure.py checks that);
 - Celery signals (`bootstrap`) count task retries (`TASK_RETRIES`) and start the metrics endpoint in the worker.
 
 Metric names are part of the interface (dashboards, alerts): keep them exactly.
@@ -77,6 +79,10 @@ class Hooks:
             flow.rt.store.audit_on(pipe, flow.incident.id, "vm", **fields)
         if result not in ("recovered", "skipped", "dry_run"):
             log.warning("incident %s: VM %s %s (%s)", flow.incident.id, vm_id, result, record.get("detail", ""))
+
+    def event(self, flow: Flow, event: str, **fields: Any) -> None:
+        """An event a flow reports (`Flow.emit`): one audit entry, as the flow gave it."""
+        flow.rt.store.audit(flow.incident.id, event, **fields)
 
     def alert(self, flow: Flow, message: str) -> None:
         log.error("ALERT incident %s (%s %s): %s", flow.incident.id, flow.incident.kind.value,

@@ -140,13 +140,13 @@ def redispatch_pending(flow: Flow) -> int:
         # Redis lost VM records (and the pending set) of VMs this incident chose: their tasks run again, re-read
         # each VM and record what they find (a VM already recovered: "already left the host"), so the count at
         # the close is true instead of leaving them out.
-        rt.store.audit(inc.id, "records_lost", vms=sorted(pending))
+        flow.emit("records_lost", vms=sorted(pending))
         rt.store.add_pending_vms(inc.id, sorted(pending))
     order = [v for v in json.loads(inc.extra.get("order", "[]")) if v in pending]
     order += sorted(pending - set(order))
     trust_queue = bool(inc.extra.get("vm_tasks_sent")) and vm_queue_moving(rt)
     lost = _started_without_lease(rt, inc.id, order) if trust_queue else order
-    rt.store.audit(inc.id, "redispatch", vms=len(lost), queued=len(order) - len(lost))
+    flow.emit("redispatch", vms=len(lost), queued=len(order) - len(lost))
     rt.send_all(TASK_RECOVER_VM, [[inc.id, vid] for vid in lost], VM_QUEUE)
     if not trust_queue:
         rt.store.set_fields(inc.id, vm_tasks_sent=1)

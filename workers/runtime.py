@@ -143,6 +143,10 @@ class Flow:
         if self.lease is not None:
             self.lease.check_local()
 
+    def emit(self, event: str, **fields: Any) -> None:
+        """Report an event of this flow; the hooks write it to the audit trail (flows never write it themselves)."""
+        self.rt.hooks.event(self, event, **fields)
+
     def recheck_later(self) -> None:
         """Look at the incident again in `storm_recheck_s` (its due time): what a held or paused flow waits on."""
         self.rt.store.schedule(self.incident.id, time.time() + self.rt.settings.worker.storm_recheck_s)

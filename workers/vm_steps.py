@@ -153,7 +153,7 @@ def _mutate(flow: Flow, vm: VmView, what: str, call: Callable[[], object]) -> bo
     flow.rt.check_not_paused()
     if flow.rt.settings.worker.dry_run:
         log.warning("DRY RUN incident %s: would %s VM %s (%s)", flow.incident.id, what, vm.id, vm.state_name)
-        flow.rt.store.audit(flow.incident.id, "dry_run", vm=vm.id, would=what, state=vm.state_name)
+        flow.emit("dry_run", vm=vm.id, would=what, state=vm.state_name)
         return False
     call()
     return True
@@ -198,7 +198,7 @@ def act(flow: Flow, vm: VmView, action: Action) -> CallOutcome:
         if exc.kind is ErrorKind.UNKNOWN:
             log.warning("incident %s: %s on VM %s: outcome unknown (%s); re-reading before deciding again",
                         flow.incident.id, action, vm.id, exc)
-            flow.rt.store.audit(flow.incident.id, "outcome_unknown", vm=vm.id, action=action)
+            flow.emit("outcome_unknown", vm=vm.id, action=action)
             flow.rt.oned.settle(vm.id)
             return CallOutcome.UNKNOWN
         if exc.kind is ErrorKind.WRONG_STATE:

@@ -171,7 +171,7 @@ def _recover_leased(flow: Flow, vm_id: int, lease: Lease) -> str:
         _finish_vm(flow, vm_id, record, pipe)
     except Paused:
         lease.release()  # the VM stays pending: the host incident sends it again after `resume`
-        rt.store.audit(inc.id, "paused", vm=vm_id)
+        flow.emit("paused", vm=vm_id)
         raise
     except BaseException:
         lease.release()  # the claim stays until it expires: a retry of this incident takes it again
