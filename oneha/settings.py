@@ -155,6 +155,11 @@ class RedisSettings(_Strict):
         "the failover, and the promoted replica may hand the same token out again. Set 1 with a replica and "
         "Sentinel; a lock not acknowledged in wait_timeout_ms is given back and taken again later."))
     wait_timeout_ms: int = Field(1000, ge=1, description="How long a lock waits for its replica acknowledgements.")
+    socket_timeout_s: float = Field(5.0, gt=0, description=(
+        "A Redis call without an answer fails after this long (the loops handle the error; no hang)."))
+    connect_timeout_s: float = Field(2.0, gt=0, description="A Redis connection attempt fails after this long.")
+    health_check_interval_s: int = Field(30, ge=0, description=(
+        "An idle connection is pinged before reuse after this long (0: never)."))
 
 
 class BrokerSettings(_Strict):
@@ -238,6 +243,10 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.broker.url or self.redis.url
+
+    def broker_redis(self) -> RedisSettings:
+        """A redis:// broker as a Redis client sees it: its URL with `[redis]`'s timeouts."""
+        return self.redis.model_copy(update={"url": self.broker_url, "sentinel_master": None})
 
     @model_validator(mode="after")
     def _fencing_needs_commands(self) -> Settings:

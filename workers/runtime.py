@@ -54,7 +54,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
-        client = redisconn.connect(settings.redis, decode_responses=True, health_check_interval=30)
+        client = redisconn.client(settings.redis)
         keys = Keys(settings.redis.key_prefix)
         store = IncidentStore(client, keys, settings.audit.retention_s, settings.audit.max_incidents)
         hooks = Hooks()
