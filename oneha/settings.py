@@ -116,6 +116,8 @@ class OnedSettings(_Strict):
     call_attempts: int = Field(5, ge=1, description="Attempts for a call failing transiently.")
     backoff_base_s: float = Field(0.2, gt=0, description="First retry waits up to this (full jitter), doubling.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between two attempts.")
+    infoset_chunk_vms: int = Field(500, ge=1, description=(
+        "VM IDs per `one.vmpool.infoset` call of a worker (a host's VMs are read in calls of at most this many)."))
 
     @field_validator("endpoint")
     @classmethod
@@ -190,6 +192,23 @@ class SubscriberSettings(_Strict):
     reconcile_interval_s: float = Field(30.0, gt=0, description="Scan of hosts in ERROR and their VMs.")
     full_scan_interval_s: float = Field(300.0, gt=0, description=(
         "Scan of the whole VM pool (paged) for failure states and crashes on healthy hosts."))
+    reconcile_poke_min_s: float = Field(2.0, gt=0, description=(
+        "An event oned contradicted brings the next reconcile pass forward, but never to less than this after the "
+        "last one began (forged floods poke too)."))
+    reconcile_infoset_chunk_vms: int = Field(2000, ge=1, description=(
+        "VM IDs per `one.vmpool.infoset` call of the reconciler."))
+    reconcile_page_vms: int = Field(2000, ge=1, description=(
+        "VM ID range per `one.vmpool.info` page of the full scan."))
+    dispatch_retry_s: float = Field(5.0, gt=0, description=(
+        "A failed hand-over to the broker (broker down) is retried this soon, not after a whole task_lease_s."))
+    bridge_stale_consumer_s: float = Field(3600.0, gt=0, description=(
+        "A bridge-stream consumer idle this long with nothing pending (a subscriber gone) is deleted."))
+    zmq_batch_messages: int = Field(1000, ge=1, description=(
+        "ZeroMQ messages taken per wake-up (one Redis round trip per batch) before the stop flag is looked at."))
+    zmq_batch_s: float = Field(0.2, gt=0, description=(
+        "...or fewer, after this long (a flood of costly hostile frames must not hide the stop flag)."))
+    zmq_batch_bytes: int = Field(16 << 20, ge=1 << 20, description=(
+        "...or fewer, once the decoded events of the batch hold about this much memory."))
     dispatch_interval_s: float = Field(0.5, gt=0, description="How often due incidents are handed to workers.")
     metrics_port: int | None = Field(9641, description="Prometheus metrics port; none to disable.")
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
@@ -220,6 +239,8 @@ class WorkerSettings(_Strict):
         "ONEHA_FENCE_POLL_S, ONEHA_FENCE_PYTHON, ONEHA_IPMI_INTERFACE, ONEHA_IPMITOOL, ONEHA_CURL, "
         "ONEHA_REDFISH_TIMEOUT_S): never the worker's own credentials."))
     metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
+    pause_check_s: float = Field(0.5, gt=0, description=(
+        "How stale a worker process's view of `oneha pause` may be: a pause acts within this long."))
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 
 

@@ -63,20 +63,24 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
         self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit_many, self.stop_event, sub.zmq_rcvhwm,
-                                    sub.max_event_bytes, idle=self.buffer.flush, queue_bytes=sub.zmq_queue_bytes)
+                                    sub.max_event_bytes, idle=self.buffer.flush, queue_bytes=sub.zmq_queue_bytes,
+                                    tuning=sub)
         self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
-                                     max_event_bytes=sub.max_event_bytes)
+                                     max_event_bytes=sub.max_event_bytes,
+                                     stale_consumer_s=sub.bridge_stale_consumer_s)
         broker_is_redis = settings.broker_url.startswith("redis")  # (a Sentinel broker: no queue-length check)
         broker = redisconn.client(settings.broker_redis()) if broker_is_redis else None
         self.fatal: str | None = None  # why the service stopped by itself (exit code 2)
         self.reconciler = Reconciler(self.oned, self.intake, self.store, sub.reconcile_interval_s,
-                                     sub.full_scan_interval_s, self.stop_event, broker, on_refused=self._refused)
+                                     sub.full_scan_interval_s, self.stop_event, broker, on_refused=self._refused,
+                                     tuning=sub)
 
     @cached_property
     def dispatcher(self) -> Dispatcher:
         celery = self._celery if self._celery is not None else make_celery(self.settings)
         return Dispatcher(self.store, celery, self.settings.worker.task_lease_s,
-                          self.settings.subscriber.dispatch_interval_s, self.stop_event, self.wake)
+                          self.settings.subscriber.dispatch_interval_s, self.stop_event, self.wake,
+                          retry_s=self.settings.subscriber.dispatch_retry_s)
 
     @cached_property
     def _client(self) -> OnedClient:

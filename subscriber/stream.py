@@ -44,8 +44,6 @@ from oneha.subscriber.logs import kv
 log = logging.getLogger("oneha.subscriber.stream")
 
 
-STALE_CONSUMER_S = 3600.0
-
 # KEYS: stream. ARGV: group, min idle ms, our name. Delete the group's consumers idle that long with nothing pending.
 _PRUNE_CONSUMERS = """
 local deleted = 0
@@ -73,7 +71,7 @@ class StreamConsumer:
     def __init__(self, r: redis.Redis, keys: Keys, intake: Intake, oned: Callable[[], OnedClient],
                  stop: threading.Event, name: str | None = None, claim_idle_s: float = 30.0,
                  block_ms: int = 500, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 stale_consumer_s: float = STALE_CONSUMER_S) -> None:
+                 stale_consumer_s: float = 3600.0) -> None:
         self.r = r
         self.stream = keys.bridge_stream
         self.intake = intake
