@@ -163,6 +163,13 @@ class RedisSettings(_Strict):
     health_check_interval_s: int = Field(30, ge=0, description=(
         "An idle connection is pinged before reuse after this long (0: never)."))
 
+    @model_validator(mode="after")
+    def _wait_fits_in_a_call(self) -> RedisSettings:
+        # A lock's WAIT is one Redis call: longer than socket_timeout_s, it would fail as a lost connection.
+        if self.wait_timeout_ms >= self.socket_timeout_s * 1000:
+            raise ValueError("wait_timeout_ms must be shorter than socket_timeout_s")
+        return self
+
 
 class BrokerSettings(_Strict):
     url: str | None = Field(None, description="Celery broker URL (redis:// or amqp://). Default: redis.url.")

@@ -59,6 +59,7 @@ def test_credentials_come_from_the_one_auth_file(tmp_path: Path, monkeypatch: py
     ('[policy.default]\nfencing = []\n', "fencing"),
     ('[worker]\nunknown_option = 1\n', "worker.unknown_option"),
     ('[policy.default\n', "cannot read config"),
+    ('[redis]\nsocket_timeout_s = 1.0\n', "wait_timeout_ms must be shorter than socket_timeout_s"),
 ])
 def test_bad_files_are_refused_with_the_reason(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
