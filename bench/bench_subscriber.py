@@ -118,7 +118,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def oneha_handler(url: str) -> Callable[[list[bytes]], float | None]:
-    store = IncidentStore(redis.Redis.from_url(url))
+    store = IncidentStore(redis.Redis.from_url(url, decode_responses=True))
     intake = Intake(store, Policy())
 
     def handle(msg: list[bytes]) -> float | None:
@@ -154,7 +154,7 @@ def sent_at(event: Event) -> float | None:
 
 def run_listener(url: str, count: int, rate: float) -> dict[str, Any]:
     """The real ZmqListener thread feeding Intake.handle_many, as the service wires it (minus the buffer)."""
-    store = IncidentStore(redis.Redis.from_url(url))
+    store = IncidentStore(redis.Redis.from_url(url, decode_responses=True))
     intake = Intake(store, Policy())
     latencies: list[float] = []
     service: list[float] = []
@@ -229,7 +229,7 @@ def reconcile_cost(hosts: int, vms: int, failed_hosts: int) -> None:
         deadline = time.monotonic() + 10
         while sum(h.failed for h in client.host_pool()) < failed_hosts and time.monotonic() < deadline:
             time.sleep(0.1)
-        store = IncidentStore(redis.Redis.from_url(server.url))
+        store = IncidentStore(redis.Redis.from_url(server.url, decode_responses=True))
         rec = Reconciler(lambda: client, Intake(store, Policy()), store, 30, 300, threading.Event())
         for label, fn in (("fast pass (host pool + VMs of failed hosts)", rec.fast_pass),
                           ("fast pass again (all duplicates)", rec.fast_pass),

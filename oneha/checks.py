@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from oneha.settings import ClusterPolicy, Settings
+from oneha.settings import ClusterPolicy, RedisSettings, Settings
 
 Status = Literal["ok", "warn", "fail"]
 MARK = {"ok": "✓", "warn": "!", "fail": "✗"}
@@ -43,7 +43,7 @@ class Check:
 def run_all(settings: Settings, zmq_wait_s: float = 3.0) -> list[Check]:
     checks: list[Check] = []
     checks += oned_checks(settings)
-    checks += [redis_check("redis", settings.redis.url, "incident store"), broker_check(settings)]
+    checks += [redis_check("redis", settings.redis, "incident store"), broker_check(settings)]
     checks += fencing_checks(settings)
     checks += metrics_port_checks(settings)
     checks += zmq_checks(settings.subscriber.zmq_endpoints, zmq_wait_s)
@@ -131,10 +131,15 @@ def _template(hook: Any) -> dict[str, Any]:
 
 # -- Redis and broker --------------------------------------------------------------------------------------------
 
-def redis_check(name: str, url: str, what: str) -> Check:
+def redis_check(name: str, settings: RedisSettings, what: str) -> Check:
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+    from oneha import redisconn
+
+    url = settings.url
+    client = redisconn.client(settings.model_copy(update={
+        "socket_timeout_s": min(settings.socket_timeout_s, TIMEOUT_S),
+        "connect_timeout_s": min(settings.connect_timeout_s, TIMEOUT_S)}))
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -147,7 +152,7 @@ def redis_check(name: str, url: str, what: str) -> Check:
 def broker_check(settings: Settings) -> Check:
     url = settings.broker_url
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return redis_check("broker", url, "Celery broker")
+        return redis_check("broker", settings.broker_redis(), "Celery broker")
     from kombu import Connection
 
     try:

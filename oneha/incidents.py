@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -27,6 +27,9 @@ from oneha.keys import Keys, Resource
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
+
+# The store's client decodes (checked in IncidentStore): its hashes are str to str.
+Strs = dict[str, str]
 
 ID = "{id}"  # stands for the incident id in a key template (Keys.incident(ID)) that a Lua script fills in
 
@@ -285,6 +288,8 @@ class IncidentStore:
 
     def __init__(self, client: redis.Redis, keys: Keys | None = None, retention_s: int = 14 * 86400,
                  max_incidents: int = 10_000, log_entries: int = 500) -> None:
+        if not client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("IncidentStore needs a client with decode_responses=True (oneha.redisconn.client)")
         self.r = client
         self.keys = keys or Keys()
         self.retention_s = retention_s
@@ -314,7 +319,7 @@ class IncidentStore:
             args=[k.incident(ID), kind.value, resource_id, cluster_id, now, now + grace_s, source, token,
                   self._owner_key(owner_host)],
         )
-        incident_id, opened, reason = int(raw[0]), bool(int(raw[1])), _text(raw[2])
+        incident_id, opened, reason = int(raw[0]), bool(int(raw[1])), str(raw[2])
         if opened:
             self.audit(incident_id, "opened", source=source, grace_s=grace_s)
         return Report(incident_id, opened, reason)
@@ -370,7 +375,7 @@ class IncidentStore:
         return int(self.r.hdel(self.keys.handled(resource), *[str(i) for i in resource_ids]))
 
     def handled_ids(self, resource: Resource) -> dict[int, str]:
-        return {int(k): _text(v) for k, v in self.r.hgetall(self.keys.handled(resource)).items()}
+        return {int(k): v for k, v in cast(Strs, self.r.hgetall(self.keys.handled(resource))).items()}
 
     def has_open_or_handled(self, resource: Resource, resource_id: int) -> bool:
         """An open incident or a handled marker: what a "back to healthy" report would change."""
@@ -460,7 +465,7 @@ class IncidentStore:
                                args=[status.value, time.time(), sources, *pairs])
         if raw is None:
             return None, False
-        return _text(raw[0]), bool(int(raw[1]))
+        return str(raw[0]), bool(int(raw[1]))
 
     def set_fields(self, incident_id: int, **fields: Any) -> None:
         mapping: dict[Any, Any] = {**fields, "updated_at": time.time()}
@@ -506,7 +511,7 @@ class IncidentStore:
         pipe.hgetall(self.keys.incident(incident_id))
         pipe.sismember(self.keys.incident_pending_vms(incident_id), str(vm_id))
         raw, pending = pipe.execute()
-        found = Incident.from_hash({_text(k): _text(v) for k, v in raw.items()}) if raw else None
+        found = Incident.from_hash(raw) if raw else None
         return found, bool(pending)
 
     def mark_vm_started(self, incident_id: int, vm_id: int, pipe: Pipeline) -> None:
@@ -553,11 +558,11 @@ class IncidentStore:
         raw = self.r.hgetall(self.keys.incident(incident_id))
         if not raw:
             return None
-        return Incident.from_hash({_text(k): _text(v) for k, v in raw.items()})
+        return Incident.from_hash(cast(Strs, raw))
 
     def recent(self, limit: int = 50) -> list[Incident]:
-        ids = self.r.zrevrange(self.keys.incident_index, 0, limit - 1)
-        found = (self.get(int(_text(i))) for i in ids)
+        ids = cast(list[str], self.r.zrevrange(self.keys.incident_index, 0, limit - 1))
+        found = (self.get(int(i)) for i in ids)
         return [inc for inc in found if inc is not None]
 
     def open_incidents(self) -> list[Incident]:
@@ -565,14 +570,14 @@ class IncidentStore:
 
     def open_counts(self) -> Counter[tuple[str, str]]:
         """Open incidents by (kind, status) (the gauges): the index, then one pipelined HMGET per incident."""
-        ids = self.r.zrevrange(self.keys.incident_index, 0, self.max_incidents - 1)
+        ids = cast(list[str], self.r.zrevrange(self.keys.incident_index, 0, self.max_incidents - 1))
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
-            pipe.hmget(self.keys.incident(_text(i)), "kind", "status")
+            pipe.hmget(self.keys.incident(i), "kind", "status")
         counts: Counter[tuple[str, str]] = Counter()
         for kind, status in pipe.execute() if ids else []:
-            if kind is not None and status is not None and not is_closed(_text(status)):
-                counts[(_text(kind), _text(status))] += 1
+            if kind is not None and status is not None and not is_closed(status):
+                counts[(kind, status)] += 1
         return counts
 
     # Retention -------------------------------------------------------------------------------------------------
@@ -585,10 +590,6 @@ class IncidentStore:
         pipe.zremrangebyscore(k.incident_index, "-inf", time.time() - self.retention_s)
         pipe.zremrangebyrank(k.incident_index, 0, -self.max_incidents - 1)
         pipe.execute()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def as_dict(incident: Incident) -> dict[str, Any]:

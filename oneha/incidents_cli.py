@@ -27,7 +27,7 @@ def _store(ctx: click.Context) -> IncidentStore:
     from oneha.keys import Keys
 
     settings = settings_or_exit(ctx.obj["config"])
-    client = redisconn.connect(settings.redis, socket_timeout=5, socket_connect_timeout=2)
+    client = redisconn.client(settings.redis)
     ctx.obj["redis_url"] = settings.redis.url
     return IncidentStore(client, Keys(settings.redis.key_prefix), settings.audit.retention_s,
                          settings.audit.max_incidents)

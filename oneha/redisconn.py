@@ -5,6 +5,9 @@ Sentinel URLs are written as kombu (Celery's broker) writes them, so one URL ser
 `redis.sentinel_master` naming the master. The client asks the Sentinels for the current master on every new
 connection, so after a failover it follows the promoted replica (a call in flight fails and is retried by the
 caller's usual Redis-error handling).
+
+`client()` is the one way oneha's services get a Redis client: replies decoded to `str` (so no caller converts
+bytes), socket timeouts and health checks from `[redis]`. Tests, the lab and benches may build their own.
 """
 
 from __future__ import annotations
@@ -44,3 +47,12 @@ def connect(settings: RedisSettings, **kwargs: Any) -> redis.Redis:
     timeouts = {k: v for k, v in kwargs.items() if k in ("socket_timeout", "socket_connect_timeout")}
     sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 1.0, "socket_connect_timeout": 1.0}, **timeouts)
     return sentinel.master_for(settings.sentinel_master, db=db, **kwargs)
+
+
+def client(settings: RedisSettings) -> redis.Redis:
+    """A service's client: `str` replies, bounded waits (a dead Redis is an error the caller handles, not a hang)."""
+    # encoding_errors="replace": a foreign non-UTF-8 value (someone else's XADD) reads as U+FFFD and is rejected as
+    # bad input by whoever parses it, instead of failing the whole read it came in (a consumer stuck on it).
+    return connect(settings, decode_responses=True, encoding_errors="replace", socket_timeout=settings.socket_timeout_s,
+                   socket_connect_timeout=settings.connect_timeout_s,
+                   health_check_interval=settings.health_check_interval_s)

@@ -116,6 +116,8 @@ class OnedSettings(_Strict):
     call_attempts: int = Field(5, ge=1, description="Attempts for a call failing transiently.")
     backoff_base_s: float = Field(0.2, gt=0, description="First retry waits up to this (full jitter), doubling.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between two attempts.")
+    infoset_chunk_vms: int = Field(500, ge=1, description=(
+        "VM IDs per `one.vmpool.infoset` call of a worker (a host's VMs are read in calls of at most this many)."))
 
     @field_validator("endpoint")
     @classmethod
@@ -155,6 +157,18 @@ class RedisSettings(_Strict):
         "the failover, and the promoted replica may hand the same token out again. Set 1 with a replica and "
         "Sentinel; a lock not acknowledged in wait_timeout_ms is given back and taken again later."))
     wait_timeout_ms: int = Field(1000, ge=1, description="How long a lock waits for its replica acknowledgements.")
+    socket_timeout_s: float = Field(5.0, gt=0, description=(
+        "A Redis call without an answer fails after this long (the loops handle the error; no hang)."))
+    connect_timeout_s: float = Field(2.0, gt=0, description="A Redis connection attempt fails after this long.")
+    health_check_interval_s: int = Field(30, ge=0, description=(
+        "An idle connection is pinged before reuse after this long (0: never)."))
+
+    @model_validator(mode="after")
+    def _wait_fits_in_a_call(self) -> RedisSettings:
+        # A lock's WAIT is one Redis call: longer than socket_timeout_s, it would fail as a lost connection.
+        if self.wait_timeout_ms >= self.socket_timeout_s * 1000:
+            raise ValueError("wait_timeout_ms must be shorter than socket_timeout_s")
+        return self
 
 
 class BrokerSettings(_Strict):
@@ -185,6 +199,23 @@ class SubscriberSettings(_Strict):
     reconcile_interval_s: float = Field(30.0, gt=0, description="Scan of hosts in ERROR and their VMs.")
     full_scan_interval_s: float = Field(300.0, gt=0, description=(
         "Scan of the whole VM pool (paged) for failure states and crashes on healthy hosts."))
+    reconcile_poke_min_s: float = Field(2.0, gt=0, description=(
+        "An event oned contradicted brings the next reconcile pass forward, but never to less than this after the "
+        "last one began (forged floods poke too)."))
+    reconcile_infoset_chunk_vms: int = Field(2000, ge=1, description=(
+        "VM IDs per `one.vmpool.infoset` call of the reconciler."))
+    reconcile_page_vms: int = Field(2000, ge=1, description=(
+        "VM ID range per `one.vmpool.info` page of the full scan."))
+    dispatch_retry_s: float = Field(5.0, gt=0, description=(
+        "A failed hand-over to the broker (broker down) is retried this soon, not after a whole task_lease_s."))
+    bridge_stale_consumer_s: float = Field(3600.0, gt=0, description=(
+        "A bridge-stream consumer idle this long with nothing pending (a subscriber gone) is deleted."))
+    zmq_batch_messages: int = Field(1000, ge=1, description=(
+        "ZeroMQ messages taken per wake-up (one Redis round trip per batch) before the stop flag is looked at."))
+    zmq_batch_s: float = Field(0.2, gt=0, description=(
+        "...or fewer, after this long (a flood of costly hostile frames must not hide the stop flag)."))
+    zmq_batch_bytes: int = Field(16 << 20, ge=1 << 20, description=(
+        "...or fewer, once the decoded events of the batch hold about this much memory."))
     dispatch_interval_s: float = Field(0.5, gt=0, description="How often due incidents are handed to workers.")
     metrics_port: int | None = Field(9641, description="Prometheus metrics port; none to disable.")
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
@@ -215,6 +246,8 @@ class WorkerSettings(_Strict):
         "ONEHA_FENCE_POLL_S, ONEHA_FENCE_PYTHON, ONEHA_IPMI_INTERFACE, ONEHA_IPMITOOL, ONEHA_CURL, "
         "ONEHA_REDFISH_TIMEOUT_S): never the worker's own credentials."))
     metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
+    pause_check_s: float = Field(0.5, gt=0, description=(
+        "How stale a worker process's view of `oneha pause` may be: a pause acts within this long."))
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 
 
@@ -238,6 +271,10 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.broker.url or self.redis.url
+
+    def broker_redis(self) -> RedisSettings:
+        """A redis:// broker as a Redis client sees it: its URL with `[redis]`'s timeouts."""
+        return self.redis.model_copy(update={"url": self.broker_url, "sentinel_master": None})
 
     @model_validator(mode="after")
     def _fencing_needs_commands(self) -> Settings:

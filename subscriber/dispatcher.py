@@ -26,7 +26,6 @@ from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.dispatcher")
 
-SEND_RETRY_S = 5.0  # a failed send (broker down) is retried this soon rather than after a whole lease
 
 
 def route(kind: Kind) -> tuple[str, str]:
@@ -38,8 +37,9 @@ def route(kind: Kind) -> tuple[str, str]:
 
 class Dispatcher:
     def __init__(self, store: IncidentStore, celery: Any, lease_s: float, interval_s: float,
-                 stop: threading.Event, wake: threading.Event | None = None) -> None:
+                 stop: threading.Event, wake: threading.Event | None = None, retry_s: float = 5.0) -> None:
         self.store = store
+        self.retry_s = retry_s  # a failed send (broker down) is retried this soon rather than after a whole lease
         self.celery = celery
         self.lease_s = lease_s
         self.interval_s = interval_s
@@ -86,7 +86,7 @@ class Dispatcher:
             self.celery.send_task(name, args=[incident.id], queue=queue)
         except Exception as exc:  # broker trouble: kombu raises its own OperationalError family
             log.warning("send_task failed", extra=kv(incident=incident.id, task=name, error=type(exc).__name__))
-            self.store.schedule(incident.id, time.time() + SEND_RETRY_S)
+            self.store.schedule(incident.id, time.time() + self.retry_s)
             return False
         metrics.TASKS_SENT.labels(name).inc()
         self.sent += 1

@@ -40,14 +40,13 @@ from oneha.opennebula import (
     VmState,
     VmView,
 )
+from oneha.settings import SubscriberSettings
 from oneha.subscriber import metrics
 from oneha.subscriber.intake import RECONCILER, Intake, Outcome, failure_kind
 from oneha.subscriber.logs import kv
 
 log = logging.getLogger("oneha.subscriber.reconciler")
 
-INFOSET_CHUNK = 2000  # VM IDs per one.vmpool.infoset call
-PAGE = 2000  # VM ID range per one.vmpool.info page
 # ACTIVE: crashes (UNKNOWN) and failure states; POWEROFF: poweroffs nobody asked for (the short body keeps the last
 # history record's ACTION, which tells them apart).
 SCANNED_STATES = (VmState.ACTIVE, VmState.POWEROFF)
@@ -73,7 +72,6 @@ def is_refused(exc: BaseException) -> bool:
     import pyone
 
     return isinstance(exc, pyone.OneAuthenticationException)
-POKE_MIN_S = 2.0  # a poke never makes passes more frequent than this (forged floods poke too)
 
 
 def chunks(ids: list[int], size: int) -> Iterator[list[int]]:
@@ -84,8 +82,10 @@ def chunks(ids: list[int], size: int) -> Iterator[list[int]]:
 class Reconciler:
     def __init__(self, oned: Callable[[], OnedClient], intake: Intake, store: IncidentStore,
                  interval_s: float, full_interval_s: float, stop: threading.Event,
-                 broker: redis.Redis | None = None, on_refused: Callable[[str], None] | None = None) -> None:
+                 broker: redis.Redis | None = None, on_refused: Callable[[str], None] | None = None,
+                 tuning: SubscriberSettings | None = None) -> None:
         self.oned = oned
+        self.tuning = tuning or SubscriberSettings()  # the reconcile_* poke and page sizes
         self.on_refused = on_refused  # oned refused our credentials: retrying cannot help
         self.intake = intake
         self.store = store
@@ -98,8 +98,8 @@ class Reconciler:
         self._poked = threading.Event()
 
     def poke(self) -> None:
-        """Look at the host pool again soon (at most every POKE_MIN_S): an event oned contradicted may only have
-        been ahead of oned's database (HostPool::update publishes before it writes the host)."""
+        """Look at the host pool again soon (at most every reconcile_poke_min_s): an event oned contradicted may only
+        have been ahead of oned's database (HostPool::update publishes before it writes the host)."""
         self._poked.set()
 
     def run(self) -> None:
@@ -109,10 +109,11 @@ class Reconciler:
             self._wait(started)
 
     def _wait(self, started: float) -> None:
-        """Until the next pass: the interval, or a poke at least POKE_MIN_S after the last pass began."""
+        """Until the next pass: the interval, or a poke at least reconcile_poke_min_s after the last pass began."""
         while not self.stop.is_set():
             now = time.monotonic()
-            if now - started >= self.interval_s or (self._poked.is_set() and now - started >= POKE_MIN_S):
+            poke_due = self._poked.is_set() and now - started >= self.tuning.reconcile_poke_min_s
+            if now - started >= self.interval_s or poke_due:
                 self._poked.clear()
                 return
             self.stop.wait(min(0.2, self.interval_s))  # loop period: notices stop and pokes
@@ -161,7 +162,7 @@ class Reconciler:
                 self._feed(HostEvent(host.id, host.state, host), stats)
         self._healthy_hosts([h for h in hosts if h.state in HOST_HEALTHY_STATES], started, stats)
         suspect = [vid for h in hosts if h.state in HOST_FAILED_STATES | HOST_OPERATOR_STATES for vid in h.vm_ids]
-        for chunk in chunks(sorted(set(suspect)), INFOSET_CHUNK):
+        for chunk in chunks(sorted(set(suspect)), self.tuning.reconcile_infoset_chunk_vms):
             vms = self.oned().vm_pool_set(chunk)
             stats.oned_calls += 1
             self._vms(vms, stats)
@@ -204,11 +205,11 @@ class Reconciler:
         server = self.oned().server
         start = 0
         while True:
-            pool = server.vmpool.info(-2, start, start + PAGE - 1, int(state))
+            pool = server.vmpool.info(-2, start, start + self.tuning.reconcile_page_vms - 1, int(state))
             stats.oned_calls += 1
             vms = [VmView.from_pyone(v) for v in (pool.VM or [])]
             yield vms
-            start += PAGE
+            start += self.tuning.reconcile_page_vms
             if not vms and start > max_known_id:
                 return
 
@@ -219,7 +220,7 @@ class Reconciler:
         failing = [vm.id for vm in vms if _failing(vm)]
         # Pool reads give oned's short bodies, which carry no HA / HA_PRIORITY (`to_xml_short`): intake's opt-out
         # check needs the extended body, read for the failing VMs only (one call per chunk, usually none).
-        for chunk in chunks(failing, INFOSET_CHUNK):
+        for chunk in chunks(failing, self.tuning.reconcile_infoset_chunk_vms):
             extended = self.oned().vm_pool_set(chunk, extended=True)
             stats.oned_calls += 1
             for vm in extended:

@@ -15,13 +15,11 @@ from functools import cached_property
 from types import FrameType
 from typing import Any
 
-import redis
-
 from oneha import heartbeat, redisconn
 from oneha.incidents import IncidentStore
 from oneha.keys import Keys
 from oneha.opennebula import OnedClient, make_server
-from oneha.settings import RedisSettings, Settings
+from oneha.settings import Settings
 from oneha.subscriber import metrics
 from oneha.subscriber.buffer import BufferedIntake
 from oneha.subscriber.dispatcher import Dispatcher, make_celery
@@ -35,11 +33,6 @@ from oneha.subscriber.zmq_listener import ZmqListener
 log = logging.getLogger("oneha.subscriber")
 
 ALL = ("zmq", "stream", "dispatcher", "reconciler")
-
-
-def redis_client(settings: RedisSettings) -> redis.Redis:
-    # Short timeouts: a dead Redis must turn into an error the loops handle, not a hang.
-    return redisconn.connect(settings, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
 
 
 def freeze_gc() -> None:
@@ -58,7 +51,7 @@ class Service:
         self.components = tuple(components)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.r = redis_client(settings.redis)
+        self.r = redisconn.client(settings.redis)
         self.store = IncidentStore(self.r, Keys(settings.redis.key_prefix), settings.audit.retention_s,
                                    settings.audit.max_incidents)
         check = HostCheck(self.oned, on_contradicted_failure=lambda: self.reconciler.poke())
@@ -70,20 +63,24 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
         self.listener = ZmqListener(sub.zmq_endpoints, self.buffer.submit_many, self.stop_event, sub.zmq_rcvhwm,
-                                    sub.max_event_bytes, idle=self.buffer.flush, queue_bytes=sub.zmq_queue_bytes)
+                                    sub.max_event_bytes, idle=self.buffer.flush, queue_bytes=sub.zmq_queue_bytes,
+                                    tuning=sub)
         self.stream = StreamConsumer(self.r, self.store.keys, self.intake, self.oned, self.stop_event,
-                                     max_event_bytes=sub.max_event_bytes)
+                                     max_event_bytes=sub.max_event_bytes,
+                                     stale_consumer_s=sub.bridge_stale_consumer_s)
         broker_is_redis = settings.broker_url.startswith("redis")  # (a Sentinel broker: no queue-length check)
-        broker = redis_client(RedisSettings(url=settings.broker_url)) if broker_is_redis else None
+        broker = redisconn.client(settings.broker_redis()) if broker_is_redis else None
         self.fatal: str | None = None  # why the service stopped by itself (exit code 2)
         self.reconciler = Reconciler(self.oned, self.intake, self.store, sub.reconcile_interval_s,
-                                     sub.full_scan_interval_s, self.stop_event, broker, on_refused=self._refused)
+                                     sub.full_scan_interval_s, self.stop_event, broker, on_refused=self._refused,
+                                     tuning=sub)
 
     @cached_property
     def dispatcher(self) -> Dispatcher:
         celery = self._celery if self._celery is not None else make_celery(self.settings)
         return Dispatcher(self.store, celery, self.settings.worker.task_lease_s,
-                          self.settings.subscriber.dispatch_interval_s, self.stop_event, self.wake)
+                          self.settings.subscriber.dispatch_interval_s, self.stop_event, self.wake,
+                          retry_s=self.settings.subscriber.dispatch_retry_s)
 
     @cached_property
     def _client(self) -> OnedClient:

@@ -44,8 +44,6 @@ from oneha.subscriber.logs import kv
 log = logging.getLogger("oneha.subscriber.stream")
 
 
-STALE_CONSUMER_S = 3600.0
-
 # KEYS: stream. ARGV: group, min idle ms, our name. Delete the group's consumers idle that long with nothing pending.
 _PRUNE_CONSUMERS = """
 local deleted = 0
@@ -69,15 +67,11 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 class StreamConsumer:
     def __init__(self, r: redis.Redis, keys: Keys, intake: Intake, oned: Callable[[], OnedClient],
                  stop: threading.Event, name: str | None = None, claim_idle_s: float = 30.0,
                  block_ms: int = 500, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 stale_consumer_s: float = STALE_CONSUMER_S) -> None:
+                 stale_consumer_s: float = 3600.0) -> None:
         self.r = r
         self.stream = keys.bridge_stream
         self.intake = intake
@@ -147,7 +141,7 @@ class StreamConsumer:
                 if fields is None:  # deleted (trimmed) while pending
                     self.r.xack(self.stream, BRIDGE_GROUP, entry_id)
                     continue
-                if self._entry(entry_id, {_text(k): v for k, v in fields.items()}):
+                if self._entry(entry_id, fields):
                     done += 1
         return done
 
@@ -157,27 +151,27 @@ class StreamConsumer:
             event = self.decode(fields)
         except EventError as exc:
             metrics.EVENTS_REJECTED.labels(exc.reason).inc()
-            log.warning("bridge entry rejected", extra=kv(entry=_text(entry_id), reason=exc.reason,
+            log.warning("bridge entry rejected", extra=kv(entry=entry_id, reason=exc.reason,
                                                           detail=str(exc)[:200]))
             self.r.xack(self.stream, BRIDGE_GROUP, entry_id)
             return False
         except Retry as exc:
-            log.warning("bridge entry postponed", extra=kv(entry=_text(entry_id), reason=str(exc)))
+            log.warning("bridge entry postponed", extra=kv(entry=entry_id, reason=str(exc)))
             return False
         self.intake.handle(event, "bridge", received_at)  # RedisError propagates: not acked, read again
         self.r.xack(self.stream, BRIDGE_GROUP, entry_id)
         return True
 
     def decode(self, fields: dict[str, Any]) -> Event:
-        kind = _text(fields.get("kind", ""))
-        data = fields.get("data", b"")
+        kind = fields.get("kind", "")
+        data = fields.get("data", "")
         if kind == "template":
-            return decode_template(data if isinstance(data, bytes) else str(data).encode(), self.max_event_bytes)
+            return decode_template(data, self.max_event_bytes)
         if kind in ("hid", "vm_id"):
             try:
-                rid = int(_text(data))
+                rid = int(data)
             except ValueError:
-                raise EventError("bad_id", _text(data)[:40]) from None
+                raise EventError("bad_id", data[:40]) from None
             return self._fetch(kind, rid)
         raise EventError("bad_entry", kind[:40])
 
@@ -198,6 +192,6 @@ class StreamConsumer:
 
 def _float(value: Any, default: float) -> float:
     try:
-        return float(_text(value))
+        return float(value)
     except (TypeError, ValueError):
         return default

@@ -11,7 +11,7 @@ high-water mark is invisible to a subscriber; the reconciler is the answer to ev
 Memory is bounded in bytes, not only in messages: ZMQ_MAXMSGSIZE caps each frame at the largest event accepted (in
 base64), and the receive high-water mark of each publisher's socket is its share of the byte budget
 (`zmq_queue_bytes`) divided by that, so what libzmq queues stays within the budget. A batch handed to the sink is
-bounded by an estimate of the decoded events' memory (BATCH_BYTES) and by time (BATCH_S).
+bounded by an estimate of the decoded events' memory and by time (`[subscriber] zmq_batch_*`).
 
 Reconnecting (libzmq 4.3.5, checked): a frame over MAXMSGSIZE makes libzmq drop the connection as a protocol error,
 and after a protocol error libzmq does NOT reconnect: the endpoint would stay silent for good. Reconnecting on the
@@ -41,6 +41,7 @@ from oneha.opennebula import (
     event_size_bytes,
     max_frame_bytes,
 )
+from oneha.settings import SubscriberSettings
 from oneha.subscriber import metrics
 from oneha.subscriber.logs import kv
 
@@ -48,9 +49,6 @@ log = logging.getLogger("oneha.subscriber.zmq")
 
 Sink = Callable[[list[tuple[Event, str, float]]], None]
 POLL_MS = 200  # SIGTERM is noticed within this long
-BATCH = 1000  # messages taken per wake-up before looking at the stop flag and the monitor again
-BATCH_BYTES = 16 << 20  # ...or fewer, once the decoded events of the batch hold about this much memory
-BATCH_S = 0.2  # ...or after this long (a flood of costly hostile frames must not hide the stop flag for minutes)
 MIN_RCVHWM = 16
 
 
@@ -101,8 +99,10 @@ def decode_frames(frames: Sequence[bytes], max_bytes: int) -> Event | None:
 class ZmqListener:
     def __init__(self, endpoints: Sequence[str], sink: Sink, stop: threading.Event, rcvhwm: int = 100_000,
                  max_event_bytes: int = 1 << 20, idle: Callable[[], object] | None = None,
-                 context: zmq.Context[zmq.Socket[bytes]] | None = None, queue_bytes: int | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None, queue_bytes: int | None = None,
+                 tuning: SubscriberSettings | None = None) -> None:
         self.endpoints = list(endpoints)
+        self.tuning = tuning or SubscriberSettings()  # the zmq_batch_* bounds
         self.sink = sink
         self.stop = stop
         self.max_event_bytes = max_event_bytes
@@ -157,12 +157,14 @@ class ZmqListener:
         return sock, monitor
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
-        """Take what is waiting (up to BATCH) and hand it over as one batch: one Redis round trip per burst."""
+        """Take what is waiting (up to zmq_batch_messages) and hand it over as one batch: one Redis round trip per
+        burst."""
         batch: list[tuple[Event, str, float]] = []
         held = 0
-        until = time.monotonic() + BATCH_S
-        for _ in range(BATCH):
-            if held > BATCH_BYTES or time.monotonic() > until:
+        t = self.tuning
+        until = time.monotonic() + t.zmq_batch_s
+        for _ in range(t.zmq_batch_messages):
+            if held > t.zmq_batch_bytes or time.monotonic() > until:
                 break
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)

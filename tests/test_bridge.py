@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from oneha import redisconn
 from oneha.incidents import IncidentStore, Kind
 from oneha.keys import BRIDGE_GROUP, Keys
 from oneha.opennebula import OnedClient, make_server
 from oneha.redis_server import free_port
-from oneha.settings import Policy
+from oneha.settings import Policy, RedisSettings
 from oneha.subscriber.intake import Intake
 from oneha.subscriber.stream import StreamConsumer
 from oneha.waiting import wait_until
@@ -43,7 +44,7 @@ def b64(xml: str) -> str:
 
 def consumer(url: str, oned: OnedClient | None = None, claim_idle_s: float = 30.0,
              name: str | None = None, stale_consumer_s: float = 3600.0) -> StreamConsumer:
-    r = redis.Redis.from_url(url)
+    r = redisconn.client(RedisSettings(url=url))
     store = IncidentStore(r)
 
     def no_oned() -> OnedClient:
@@ -84,7 +85,7 @@ def test_bare_hid_and_vm_id_are_resolved_through_oned(redis_url: str) -> None:
         assert bridge("--vm-id", "1", url=redis_url).returncode == 0  # VM 1 ran on host 1: UNKNOWN, host's
         assert bridge("--hid", "0", url=redis_url).returncode == 0  # healthy: nothing to open
         c = consumer(redis_url, oned)
-        r = redis.Redis.from_url(redis_url)
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
         wait_until(lambda: c.poll_once() == 0 and r.xpending(STREAM, BRIDGE_GROUP)["pending"] == 0 and
                    len(incidents(redis_url)) >= 1, 5, what="entries handled")
         kinds = sorted((i.kind.value, i.resource_id) for i in incidents(redis_url))
@@ -125,13 +126,15 @@ def test_redis_url_from_the_config_file(redis_url: str, redis_client: redis.Redi
 def test_malformed_entries_are_acked_and_counted(redis_url: str, redis_client: redis.Redis) -> None:
     redis_client.xadd(STREAM, {"kind": "template", "data": b64("<HOST><ID>1</ID><NAME>&x;</NAME></HOST>")})
     redis_client.xadd(STREAM, {"kind": "template", "data": "@@@"})
+    redis_client.xadd(STREAM, {"kind": "template", "data": b"\xff\xfe<HOST>"})  # not UTF-8: must not stall the read
+    redis_client.xadd(STREAM, {"kind": b"\xff", "data": "1"})
     redis_client.xadd(STREAM, {"kind": "nonsense", "data": "1"})
     redis_client.xadd(STREAM, {"kind": "hid", "data": "x"})
     before = metric("oneha_events_rejected_total", reason="bad_base64")
     c = consumer(redis_url)
     wait_until(lambda: c.poll_once() == 0 and redis_client.xpending(STREAM, BRIDGE_GROUP)["pending"] == 0
                and redis_client.xinfo_groups(STREAM)[0]["last-delivered-id"] != "0-0", 5, what="acks")
-    assert metric("oneha_events_rejected_total", reason="bad_base64") == before + 1
+    assert metric("oneha_events_rejected_total", reason="bad_base64") == before + 2
     assert incidents(redis_url) == []
 
 

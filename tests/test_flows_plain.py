@@ -109,7 +109,7 @@ def test_vm_crash_flow_resumes_on_its_healthy_host(tmp_path: Path, redis_url: st
             assert handle_vm_incident(rt, inc) == "held"  # paused: held and looked at again, nothing done
             assert rt.store.get(inc).status is Status.HELD  # type: ignore[union-attr]
             rt.store.resume()
-            rt._pause_seen = (-1e9, None)  # the pause flag is cached for PAUSE_CHECK_S per process
+            rt._pause_seen = (-1e9, None)  # the pause flag is cached for worker.pause_check_s per process
             assert handle_vm_incident(rt, inc) == "recovered"
             closed = rt.store.get(inc)
             assert closed is not None and closed.status is Status.RECOVERED, closed

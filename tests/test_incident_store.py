@@ -3,8 +3,10 @@ the dispatcher's WAITING -> QUEUED, a host incident's VM bookkeeping, and key sh
 
 from __future__ import annotations
 
+import pytest
 import redis
 
+from oneha import redisconn
 from oneha.incidents import (
     CLOSED_STATUSES,
     TRANSITIONS,
@@ -16,10 +18,11 @@ from oneha.incidents import (
     is_closed,
 )
 from oneha.keys import Keys
+from oneha.settings import RedisSettings
 
 
-def store(url: str, prefix: str = "oneha", decode: bool = True) -> IncidentStore:
-    return IncidentStore(redis.Redis.from_url(url, decode_responses=decode), Keys(prefix))
+def store(url: str, prefix: str = "oneha") -> IncidentStore:
+    return IncidentStore(redisconn.client(RedisSettings(url=url)), Keys(prefix))
 
 
 def test_the_transition_table_declares_every_status_and_closed_is_final() -> None:
@@ -32,16 +35,20 @@ def test_the_transition_table_declares_every_status_and_closed_is_final() -> Non
 
 
 def test_mark_queued_only_from_waiting(redis_url: str) -> None:
-    for decode in (True, False):  # the subscriber's client returns bytes
-        s = store(redis_url, decode=decode)
-        inc = s.report(Kind.HOST, 7 + decode, 0, grace_s=0, source="zmq").incident_id
-        assert s.mark_queued(inc) == "waiting"
-        assert s.mark_queued(inc) == "queued"  # a re-dispatch: already queued, left so
-        assert s.set_status(inc, Status.RUNNING)
-        assert s.mark_queued(inc) == "running"
-        assert s.get(inc).status is Status.RUNNING  # type: ignore[union-attr]
-        assert s.mark_queued(999_999) is None
-        assert not s.r.exists(s.keys.incident(999_999))
+    s = store(redis_url)
+    inc = s.report(Kind.HOST, 7, 0, grace_s=0, source="zmq").incident_id
+    assert s.mark_queued(inc) == "waiting"
+    assert s.mark_queued(inc) == "queued"  # a re-dispatch: already queued, left so
+    assert s.set_status(inc, Status.RUNNING)
+    assert s.mark_queued(inc) == "running"
+    assert s.get(inc).status is Status.RUNNING  # type: ignore[union-attr]
+    assert s.mark_queued(999_999) is None
+    assert not s.r.exists(s.keys.incident(999_999))
+
+
+def test_the_store_refuses_a_client_returning_bytes(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        IncidentStore(redis.Redis.from_url(redis_url), Keys())
 
 
 def test_set_status_checks_the_table_in_redis(redis_url: str) -> None:
@@ -111,7 +118,7 @@ def test_a_closed_incident_stays_as_the_first_close_left_it(redis_url: str) -> N
 
 
 def test_open_incident_ids_and_open_counts(redis_url: str) -> None:
-    s = store(redis_url, prefix="counts", decode=False)  # the subscriber's client returns bytes
+    s = store(redis_url, prefix="counts")
     a = s.report(Kind.HOST, 1, 0, grace_s=60, source="zmq").incident_id
     b = s.report(Kind.VM_CRASH, 9, 0, grace_s=60, source="zmq").incident_id
     s.report(Kind.HOST, 2, 0, grace_s=60, source="zmq")

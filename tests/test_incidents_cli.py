@@ -41,7 +41,7 @@ def test_every_subcommand_says_redis_is_down_in_one_line(tmp_path: Path) -> None
 
 
 def seeded(tmp_path: Path, redis_url: str) -> tuple[Path, int]:
-    store = IncidentStore(redis.Redis.from_url(redis_url))
+    store = IncidentStore(redis.Redis.from_url(redis_url, decode_responses=True))
     rep = store.report(Kind.HOST, 4, 0, 60, "test")
     store.record_vm(rep.incident_id, 12, {"action": "recreate", "result": "ok", "took_s": 2.5})
     store.set_status(rep.incident_id, Status.HELD, "storm guard")

@@ -59,6 +59,7 @@ def test_credentials_come_from_the_one_auth_file(tmp_path: Path, monkeypatch: py
     ('[policy.default]\nfencing = []\n', "fencing"),
     ('[worker]\nunknown_option = 1\n', "worker.unknown_option"),
     ('[policy.default\n', "cannot read config"),
+    ('[redis]\nsocket_timeout_s = 1.0\n', "wait_timeout_ms must be shorter than socket_timeout_s"),
 ])
 def test_bad_files_are_refused_with_the_reason(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -96,3 +97,21 @@ def test_sentinel_urls_serve_the_store_and_the_broker() -> None:
     assert client.connection_pool.service_name == "oneha"  # type: ignore[attr-defined]
     config = celery_config(Settings(redis=RedisSettings(url=url, sentinel_master="oneha")))
     assert config["broker_url"] == url and config["broker_transport_options"]["master_name"] == "oneha"
+
+
+def test_tunables_reach_the_subscriber_components() -> None:
+    """Settings, not module constants: each tunable gets to the object that uses it (clients connect lazily)."""
+    from oneha.settings import RedisSettings, Settings, SubscriberSettings
+    from oneha.subscriber.service import Service
+
+    settings = Settings(redis=RedisSettings(url="redis://127.0.0.1:1/0", socket_timeout_s=1.5, connect_timeout_s=0.5),
+                        subscriber=SubscriberSettings(zmq_batch_messages=7, reconcile_poke_min_s=9.0,
+                                                      bridge_stale_consumer_s=99.0, dispatch_retry_s=3.0))
+    svc = Service(settings, celery=object())
+    options = svc.r.get_connection_kwargs()
+    assert (options["socket_timeout"], options["socket_connect_timeout"], options["decode_responses"]) == \
+        (1.5, 0.5, True)
+    assert svc.listener.tuning.zmq_batch_messages == 7
+    assert svc.reconciler.tuning.reconcile_poke_min_s == 9.0
+    assert svc.stream.stale_consumer_ms == 99_000
+    assert svc.dispatcher.retry_s == 3.0

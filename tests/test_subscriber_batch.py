@@ -18,7 +18,7 @@ from oneha.subscriber.intake import Intake, Outcome
 
 def stores(url: str) -> tuple[IncidentStore, IncidentStore]:
     return (IncidentStore(redis.Redis.from_url(url, decode_responses=True)),
-            IncidentStore(redis.Redis.from_url(url), incidents.Keys("other")))
+            IncidentStore(redis.Redis.from_url(url, decode_responses=True), incidents.Keys("other")))
 
 
 def test_report_many_matches_report_one_by_one(redis_url: str) -> None:

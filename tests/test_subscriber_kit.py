@@ -103,7 +103,7 @@ def metric(name: str, **labels: str) -> float:
 
 def incidents(url: str) -> list[Incident]:
     """Every incident in Redis, oldest first."""
-    r = redis.Redis.from_url(url)
+    r = redis.Redis.from_url(url, decode_responses=True)
     try:
         return list(reversed(IncidentStore(r).recent(10_000)))
     finally:

@@ -75,7 +75,7 @@ def test_metrics_endpoint_and_reconnect_after_a_publisher_restart(redis_url: str
 
 def test_recovery_paused_gauge_follows_pause_and_resume(redis_url: str) -> None:
     """The gauge behind the OnehaRecoveryPaused alert: a forgotten pause must not go unnoticed."""
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
     store = IncidentStore(r)
     reconciler = Reconciler(lambda: None, None, store, 30.0, 300.0, threading.Event())  # type: ignore[arg-type]
     store.pause("maintenance")

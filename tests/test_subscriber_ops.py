@@ -116,7 +116,7 @@ def test_sigterm_stops_cleanly_and_logs_no_secret(tmp_path: Path, redis_url: str
 
 
 def test_incidents_cli_list_show_approve(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
     store = IncidentStore(r)
     rep = store.report(Kind.HOST, 4, 0, 60, "test")
     store.record_vm(rep.incident_id, 12, {"action": "recreate", "result": "ok"})

@@ -384,8 +384,9 @@ class OnedGateway:
     def vm_pool_set(self, vm_ids: Iterable[int], extended: bool = False) -> list[VmView]:
         ids = sorted(set(vm_ids))
         out: list[VmView] = []
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
+        size = self.settings.infoset_chunk_vms
+        for i in range(0, len(ids), size):
+            chunk = ids[i:i + size]
             out.extend(self.call("one.vmpool.infoset", functools.partial(self.client.vm_pool_set, chunk, extended)))
         return out
 
@@ -407,10 +408,10 @@ class OnedGateway:
 class VmReader:
     """Coalesces concurrent VM reads of one process into `one.vmpool.infoset` calls.
 
-    Callers queue the ids they need; one fetcher thread takes everything queued, makes one call (chunked at 500),
-    and hands each caller its VMs. Requests made while a call is in flight go into the next call, so batches grow
-    with load and a lone request is served at once. The read starts after the request, so it is as fresh as a
-    dedicated `one.vm.info`.
+    Callers queue the ids they need; one fetcher thread takes everything queued, makes one call (chunked at
+    oned.infoset_chunk_vms), and hands each caller its VMs. Requests made while a call is in flight go into the
+    next call, so batches grow with load and a lone request is served at once. The read starts after the request,
+    so it is as fresh as a dedicated `one.vm.info`.
     """
 
     def __init__(self, fetch: Callable[[Iterable[int]], list[VmView]]) -> None:

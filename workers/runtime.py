@@ -26,7 +26,6 @@ from oneha.workers.oned import OnedGateway
 
 log = logging.getLogger(__name__)
 
-PAUSE_CHECK_S = 0.5  # how stale a process's view of the pause flag may be: a pause acts within this
 
 
 class Paused(Exception):
@@ -54,7 +53,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, send: Sender, send_many: BulkSender | None = None) -> Runtime:
-        client = redisconn.connect(settings.redis, decode_responses=True, health_check_interval=30)
+        client = redisconn.client(settings.redis)
         keys = Keys(settings.redis.key_prefix)
         store = IncidentStore(client, keys, settings.audit.retention_s, settings.audit.max_incidents)
         hooks = Hooks()
@@ -94,11 +93,11 @@ class Runtime:
         self.store.schedule(incident_id, time.time() + lease + extra_s)
 
     def pause_reason(self) -> str | None:
-        """Why recovery is paused, or None. Asks Redis at most every PAUSE_CHECK_S per process, so the gate before
-        each action costs no round trip on the critical path of a recovery."""
+        """Why recovery is paused, or None. Asks Redis at most every worker.pause_check_s per process, so the gate
+        before each action costs no round trip on the critical path of a recovery."""
         now = time.monotonic()
         seen_at, pause = self._pause_seen
-        if now - seen_at >= PAUSE_CHECK_S:
+        if now - seen_at >= self.settings.worker.pause_check_s:
             pause = self.store.paused()
             self._pause_seen = (now, pause)
         if pause is None:
