@@ -248,6 +248,12 @@ class WorkerSettings(_Strict):
     metrics_port: int | None = Field(9642, description="Prometheus metrics port of a worker node; none to disable.")
     pause_check_s: float = Field(0.5, gt=0, description=(
         "How stale a worker process's view of `oneha pause` may be: a pause acts within this long."))
+    task_max_retries: int = Field(5, ge=0, description=(
+        "Celery retries of a task that failed transiently (oned unreachable after the gateway's own retries); past "
+        "them the incident stays due and is dispatched again after its lease."))
+    redis_outage_s: float = Field(30.0, gt=0, description=(
+        "A task rides out a Redis restart or Sentinel failover in place for this long (Redis is also the broker: "
+        "a Celery retry could not even be published) before it gives up."))
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 
 

@@ -67,3 +67,18 @@ def test_the_vm_queue_tasks_declare_it():
 
     assert tasks.recover_vm.moves_vm_queue and tasks.vm_incident.moves_vm_queue
     assert not getattr(tasks.recover_host, "moves_vm_queue", False)
+
+
+def test_the_chain_takes_its_limits_from_the_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oneha.workers import tasks
+
+    monkeypatch.setenv("ONEHA_WORKER__TASK_MAX_RETRIES", "2")
+    monkeypatch.setenv("ONEHA_WORKER__REDIS_OUTAGE_S", "7.5")
+    tasks.middleware_chain.cache_clear()
+    try:
+        chain = tasks.middleware_chain()
+        assert [type(m).__name__ for m in chain] == ["RetryTransient", "StopQuietly", "RideOutRedis",
+                                                    "MarkVmQueueMoving"]
+        assert chain[0].max_retries == 2 and chain[2].outage_s == 7.5  # type: ignore[attr-defined]
+    finally:
+        tasks.middleware_chain.cache_clear()

@@ -2,7 +2,7 @@
 
 Each middleware wraps the rest of the chain: `around_task(task, call)` runs `call()` (the next middleware, the
 flow last) and decides what its failure or its result means. The order matters and is read top down in
-`workers.tasks.MIDDLEWARE`: retry outermost (it sees what the others let through), the Redis-outage ride-out
+`workers.tasks.middleware_chain()`: retry outermost (it sees what the others let through), the Redis-outage ride-out
 inside it (a retry could not even be published while Redis, the broker, is down), the VM-queue mark innermost
 (re-done with the flow when Redis comes back). Metrics and audit entries of steps are `workers.hooks`.
 """
