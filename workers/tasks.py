@@ -25,6 +25,7 @@ from oneha.workers.middleware import MarkVmQueueMoving, RetryTransient, RideOutR
 from oneha.workers.vm_flows import handle_vm_incident
 from oneha.workers.vm_task import recover_host_vm
 
+
 @functools.cache
 def middleware_chain() -> tuple[middleware.Middleware, ...]:
     """The chain every task runs through, built once per process from `[worker]` (task_max_retries,
