@@ -1,6 +1,11 @@
 """The lab's scheduler in the `fast` profile (mm_sched, simplified): PENDING VMs get a host, resched'ed VMs are
 migrated, at most 200 dispatches a tick. The timed profiles schedule with `lab.timeline` instead; `choose_host` also
 places the VMs `lab.vm.create` makes.
+
+Modelled on OpenNebula 7.4's scheduler input (`src/schedm/SchedulerManagerDriver.cc`: pending and resched'ed VMs,
+hosts matched with `state = 2`, i.e. MONITORED only) and the resched flag (`src/dm/DispatchManagerActions.cc`,
+`DispatchManager::resched`). The window, plan and per-host action limits are `lab.timeline`'s (production profile);
+least-loaded placement instead of the rank expressions is listed in docs/architecture.md's lab deviations.
 """
 
 from __future__ import annotations
