@@ -1,17 +1,25 @@
 """RTO bench: from a host's power cut to every one of its VMs running elsewhere, as the user waits for it.
 
-    .venv/bin/python -m bench.bench_rto [--quick] [--only 1] [--contenders oneha,one-r-p2]
+    .venv/bin/python -m bench.bench_rto [--quick] [--only 1psu,4psu] [--contenders oneha,oneha-detect]
+                                        [--vmm-threads N]
 
 The lab plays OpenNebula's own timelines (lab/timeline.py, profile `production`: monitord's 180 s interval on a
 15 s timer and a failing SSH start_monitor, the VMM cleanup on the dead host, the scheduler's window, its 60 s retry
-and the plan manager's one action per host per 15 s). Scenarios: 1 host with 50 VMs, and 4 hosts (200 VMs) losing
-power at once, in a cloud of 12 hosts x 50 VMs (capacity 200 each). Contenders, each on its own lab, all running at
-the same time (the figures are waits, not CPU):
+and the plan manager's one action per host per 15 s). Scenarios, in a cloud of 12 hosts x 50 VMs (capacity 200 each):
+`1psu` 1 host with 50 VMs whose power supply fails (its BMC still answers, "Off"), `1loss` the same host losing all
+power (BMC dead too), `4psu` 4 hosts (200 VMs) at once. oned sees the three the same way (a silent host), so the
+contenders that wait for oned run `1psu` and `4psu` only. Contenders, each on its own lab, all running at the same
+time (the figures are waits, not CPU):
 - `one-r-p2`: OpenNebula alone: monitord sets ERROR, the `host_error.rb -r -p 2` hook (bench/baseline_host_error.py:
   sleeps 2 x 60 s, re-reads the host, fences — assumed to work —, `recover 4` per VM), oned's scheduler places them.
 - `one-m-p5`: the same with `-m -p 5`, the documented registration (`resched` per VM: a cold migration from UNKNOWN).
 - `oneha`: oneha as it is today (its defaults: 60 s host grace, 30 s reconcile), real subscriber on the lab's ZeroMQ
   events + two real Celery workers, reacting to oned's ERROR; fencing assumed to work (`true`), action `recreate`.
+- `oneha-detect`: oneha with its own detection (issue 13, bench/rto_detect.py): two `oneha detect` instances probing
+  every host's management side, proof by the Redfish BMC or the storage heartbeat, oneha's own placement; every host
+  runs the agent's model (watchdog). Its column "ERROR" is oned's, which it does not wait for (and, with the host
+  taken OFFLINE, never comes); "proven" is when the detector proved the host dead.
+`--vmm-threads N` runs every contender with oned's VM_MAD `-t N` instead of 15 (an operator's knob in oned.conf).
 Printed per contender: power cut -> ERROR -> fenced -> all actions issued -> all PENDING -> all placed (deploy or
 migrate started by the plan manager) -> all RUNNING elsewhere (the lab's truth), duplicates and lost VMs.
 `--quick` runs the same on production/20 (every duration / 20; the hook's sleep and oneha's grace/reconcile too).
@@ -29,10 +37,20 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 from bench.baseline_host_error import host_error
+from bench.rto_lab import (
+    HOSTS,
+    PER_HOST,
+    Run,
+    cut_power,
+    make_lab,
+    profile_factor,
+    read_lab_marks,
+    wait_recovered,
+)
 from oneha.incidents import IncidentStore, Kind
 from oneha.keys import Keys
 from oneha.lab.sim import LabCloud
@@ -42,85 +60,10 @@ from oneha.redis_server import RedisServer
 from oneha.settings import ClusterPolicy, SubscriberSettings
 from oneha.waiting import wait_until
 
-HOSTS = 12
-PER_HOST = 50
 FENCE = ["true"]  # fencing assumed to work: the bench measures the wait, not a BMC
-MILESTONES = ["ERROR", "fenced", "issued", "PENDING", "placed", "RUNNING"]
-
-
-@dataclass
-class Run:
-    contender: str
-    failed: list[int]
-    vms: list[int] = field(default_factory=list)
-    cut: float = 0.0  # wall time of the power cut
-    marks: dict[str, float | None] = field(default_factory=dict)  # milestone -> seconds after the cut
-    duplicates: int = 0
-    lost: int = 0
-    note: str = ""
-
-
-def make_lab(profile: Profile) -> LabCloud:
-    lab = LabCloud(hosts=HOSTS, vms=HOSTS * PER_HOST, capacity=PER_HOST * 4, profile=profile, tick_s=0.02)
-    return lab.start(port=0, events_port=0)
-
-
-def cut_power(lab: LabCloud, run: Run) -> None:
-    """Cut at the same phase of the lab's timers for every contender (1 s after a beacon slot of host 0 and a
-    monitord tick), so that their detection times are the same and the rest of the timelines compare."""
-    timing = lab.cloud.timing
-    assert timing is not None
-    period = 2 * timing.p.manager_timer_s  # = BEACON_HOST on the production profile
-    offset = timing.p.manager_timer_s / 15.0
-    start = timing.started + offset
-    at = start + period * max(0, -(-(lab.cloud.clock() - start) // period))
-    wait_until(lambda: lab.cloud.clock() >= at, period + 5, interval_s=0.01, backoff=1.0, what="the cut's phase")
-    with lab.cloud.lock:
-        run.vms = [v for h in run.failed for v in sorted(lab.cloud.hosts[h].vm_ids)]
-        run.cut = time.time()
-        for h in run.failed:
-            lab.cloud.host_kill(h)
-
-
-def all_running_elsewhere(lab: LabCloud, run: Run) -> bool:
-    failed = set(run.failed)
-    with lab.cloud.lock:
-        return all((r := lab.cloud.running.get(v)) and not (r & failed) for v in run.vms)
-
-
-def wait_recovered(lab: LabCloud, run: Run, timeout_s: float) -> None:
-    wait_until(lambda: all_running_elsewhere(lab, run), timeout_s, interval_s=0.1, backoff=1.0,
-               what=f"{run.contender}: every VM running elsewhere")
-
-
-def read_lab_marks(lab: LabCloud, run: Run) -> None:
-    """ERROR, PENDING, placed and RUNNING from the lab's own records; duplicates and lost from its oracle."""
-    cloud = lab.cloud
-    with cloud.lock:
-        timing = cloud.timing
-        assert timing is not None
-        mono_to_wall = time.time() - cloud.clock()
-        first: dict[tuple[str, int, str], float] = {}
-        for t, kind, oid, name in cloud.timeline:
-            if t >= run.cut:
-                first.setdefault((kind, oid, name), t)
-        last_running = {oid: t for t, kind, oid, name in cloud.timeline
-                        if t >= run.cut and kind == "vm" and name == "ACTIVE/RUNNING"}
-        placed: dict[int, float] = {}
-        for t, what, oid in timing.events:
-            if what == "action_start" and t + mono_to_wall >= run.cut:
-                placed.setdefault(oid, t + mono_to_wall)
-        oracle = cloud.oracle()
-
-    def latest(times: list[float | None]) -> float | None:
-        return None if not times or any(t is None for t in times) else max(t for t in times if t) - run.cut
-
-    run.marks["ERROR"] = latest([first.get(("host", h, "ERROR")) for h in run.failed])
-    run.marks["PENDING"] = latest([first.get(("vm", v, "PENDING")) for v in run.vms])
-    run.marks["placed"] = latest([placed.get(v) for v in run.vms])
-    run.marks["RUNNING"] = latest([last_running.get(v) for v in run.vms])
-    run.duplicates = len(oracle["duplicates"])
-    run.lost = len(set(oracle["lost"]) & set(run.vms))
+MILESTONES = ["ERROR", "proven", "fenced", "issued", "PENDING", "placed", "RUNNING"]
+SCENARIOS = {"1psu": (1, "psu"), "1loss": (1, "power_loss"), "4psu": (4, "psu")}
+WAITS_FOR_ONED = ("one-r-p2", "one-m-p5", "oneha")  # they see every scenario as the same silent host
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -151,10 +94,6 @@ def run_opennebula(profile: Profile, run: Run, action: str, periods: int, timeou
         return run
     finally:
         lab.stop()
-
-
-def profile_factor(profile: Profile) -> float:
-    return profile.manager_timer_s / 15.0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -230,10 +169,17 @@ def run_oneha(profile: Profile, run: Run, timeout_s: float) -> Run:
             server.stop()
 
 
+def run_oneha_detect(profile: Profile, run: Run, timeout_s: float) -> Run:
+    from bench.rto_detect import run_detect  # sushy-tools (the lab's host side) only when this contender runs
+
+    return run_detect(profile, run, timeout_s)
+
+
 CONTENDERS: dict[str, Callable[[Profile, Run, float], Run]] = {
     "one-r-p2": lambda p, r, t: run_opennebula(p, r, "recreate", 2, t),
     "one-m-p5": lambda p, r, t: run_opennebula(p, r, "migrate", 5, t),
     "oneha": run_oneha,
+    "oneha-detect": run_oneha_detect,
 }
 
 
@@ -244,21 +190,33 @@ def fmt(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="profile production/20 instead of production")
-    parser.add_argument("--only", type=int, choices=[1, 4], help="only the scenario with this many failed hosts")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios, of {', '.join(SCENARIOS)}")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--vmm-threads", type=int, default=None, help="oned's VM_MAD -t (default 15)")
     args = parser.parse_args()
     profile = profile_named("production/20" if args.quick else "production")
+    if args.vmm_threads:
+        profile = replace(profile, vmm_threads=args.vmm_threads, name=f"{profile.name}, VM_MAD -t {args.vmm_threads}")
     timeout_s = 3600 * profile_factor(profile) + 60
-    scenarios = [n for n in (1, 4) if args.only in (None, n)]
     names = [c for c in args.contenders.split(",") if c]
+    jobs = [(sc, c) for sc in args.only.split(",") if sc for c in names
+            if not (c in WAITS_FOR_ONED and SCENARIOS[sc][1] != "psu")]
     started = time.monotonic()
-    jobs = [(n, c) for n in scenarios for c in names]
-    results: dict[tuple[int, str], Run | BaseException] = {}
+    results = run_jobs(profile, jobs, timeout_s)
+    print_table(profile, jobs, results)
+    print(f"\nbench took {time.monotonic() - started:.0f} s")
 
-    def one(job: tuple[int, str]) -> None:
-        n, c = job
+
+def run_jobs(profile: Profile, jobs: list[tuple[str, str]], timeout_s: float
+             ) -> dict[tuple[str, str], Run | BaseException]:
+    results: dict[tuple[str, str], Run | BaseException] = {}
+
+    def one(job: tuple[str, str]) -> None:
+        scenario, c = job
+        n, mode = SCENARIOS[scenario]
         try:
-            results[job] = CONTENDERS[c](profile, Run(c, list(range(n))), timeout_s)
+            results[job] = CONTENDERS[c](profile, Run(c, list(range(n)), mode if c == "oneha-detect" else "power"),
+                                         timeout_s)
         except BaseException as exc:  # reported in the table; the other runs go on
             results[job] = exc
 
@@ -267,20 +225,22 @@ def main() -> None:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def print_table(profile: Profile, jobs: list[tuple[str, str]], results: dict[tuple[str, str], Run | BaseException]
+                ) -> None:
     print(f"\nprofile {profile.name}; {HOSTS} hosts x {PER_HOST} VMs; seconds after the power cut")
-    header = f"{'scenario':<10}{'contender':<10}" + "".join(f"{m:>9}" for m in MILESTONES) + "  dup lost  notes"
+    header = f"{'scenario':<10}{'contender':<14}" + "".join(f"{m:>9}" for m in MILESTONES) + "  dup lost  notes"
     print(header)
     print("-" * len(header))
-    for n, c in jobs:
-        r = results[(n, c)]
-        name = f"{n}x{PER_HOST}"
+    for scenario, c in jobs:
+        r = results[(scenario, c)]
         if isinstance(r, BaseException):
-            print(f"{name:<10}{c:<10}failed: {r!r}")
+            print(f"{scenario:<10}{c:<14}failed: {r!r}")
             continue
         cells = "".join(f"{fmt(r.marks.get(m)):>9}" for m in MILESTONES)
-        print(f"{name:<10}{c:<10}{cells}  {r.duplicates:>3} {r.lost:>4}  {r.note}")
-    print(f"\nbench took {time.monotonic() - started:.0f} s")
-
+        print(f"{scenario:<10}{c:<14}{cells}  {r.duplicates:>3} {r.lost:>4}  {r.note}")
 
 if __name__ == "__main__":
     main()
