@@ -58,7 +58,8 @@ class VmOutcome:
 
 
 def decide_host_vm(vm: VmView | None, st: LoopState, host_id: int, policy: ClusterPolicy, max_attempts: int,
-                   migrate_failed: bool, shared_ds: Callable[[], frozenset[int]]) -> Decision:
+                   migrate_failed: bool, shared_ds: Callable[[], frozenset[int]], host_proven: bool = False
+                   ) -> Decision:
     """The decision for a VM of a failed host, from the VM as read and the loop's state."""
     if vm is None:
         return stop(Result.GONE, st.action, "VM no longer exists")
@@ -71,7 +72,7 @@ def decide_host_vm(vm: VmView | None, st: LoopState, host_id: int, policy: Clust
     if in_transition(vm):
         return WAIT
     shared = shared_ds() if policy.host_action == "migrate" else frozenset[int]()
-    action, why = choose_action(vm, policy, shared, migrate_failed)
+    action, why = choose_action(vm, policy, shared, migrate_failed, host_proven)
     if action is Action.NONE:
         return stop(Result.LEFT_ON_HOST, action, why)
     if action is Action.REPORT:
@@ -93,7 +94,8 @@ class HostVm(VmLoopKind):
         if vm is not None and vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.PROLOG_MIGRATE_UNKNOWN_FAILURE:
             self.migrate_failed = True
         return decide_host_vm(vm, st, self.host_id, self.policy, self.flow.rt.settings.worker.vm_attempts,
-                              self.migrate_failed, self.flow.rt.oned.shared_system_datastores)
+                              self.migrate_failed, self.flow.rt.oned.shared_system_datastores,
+                              bool(self.flow.incident.extra.get("proof")))
 
     def verdict(self, vm: VmView, action: Action) -> Verdict:
         return left_host_verdict(self.host_id, action)
