@@ -125,9 +125,10 @@ class Stats:
         self.log: deque[list[Any]] = deque(maxlen=CALL_LOG_SIZE)
 
     def answered(self, method: str, args: tuple[Any, ...], reply: Any) -> None:
-        """Log a LOGGED_CALLS call as answered: [seq, monotonic time, method, args, ok, STATE read (host.info)]."""
+        """Log a LOGGED_CALLS call as answered: [seq, monotonic time, method, args, ok, STATE read by host.info or
+        -1] (no None: XML-RPC cannot carry it)."""
         ok = isinstance(reply, list) and bool(reply) and reply[0] is True
-        state = None
+        state = -1
         if ok and method == "one.host.info" and "<STATE>" in str(reply[1]):
             state = int(str(reply[1]).split("<STATE>", 1)[1].split("<", 1)[0])
         plain = [a for a in args if isinstance(a, int | str) and not isinstance(a, bool)][:3]
