@@ -152,6 +152,8 @@ def _reads_offline(flow: Flow, host_id: int, wait_s: float) -> bool:
 
     if offline():
         return True
+    if wait_s <= 0:
+        return False  # oned answered, and not with OFFLINE: nothing more will come of this call
     try:
         wait_until(offline, wait_s, interval_s=0.1, backoff=1.5, max_interval_s=1.0,
                    what=f"host {host_id} OFFLINE")
