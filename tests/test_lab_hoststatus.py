@@ -198,3 +198,22 @@ def test_production_enable_from_offline_is_init_until_the_probe_answers() -> Non
     run_until(cloud, clock, T0 + 1)
     assert cloud.hosts[1].state == HostState.MONITORED
     assert isinstance(timing, Timelines)
+
+
+def test_a_cold_migration_of_a_running_vm_off_a_dead_host_reverts_to_running_there() -> None:
+    """resched from RUNNING: SAVE_MIGRATE runs the save on the old host; on a dead host it fails and
+    `revert_migrate_after_failure` puts the VM back RUNNING on it (LifeCycleStates.cc): in oned's view only."""
+    cloud, clock, _ = fast(3)
+    vid = cloud.create_vm({"HOST": 0, "STATE": "RUNNING"}, emit=False)
+    cloud.host_kill(0)
+    cloud.host_status(0, 2)  # OFFLINE: the VM stays RUNNING, and a resched is accepted
+    cloud.vm_action("resched", vid)
+    run_until(cloud, clock, T0 + 1)
+    states = [s for _, k, i, s in cloud.oracle()["timeline"] if k == "vm" and i == vid]
+    assert "ACTIVE/SAVE_MIGRATE" in states and "ACTIVE/PROLOG_MIGRATE" not in states
+    assert cloud.vms[vid].hid == 0 and lcm(cloud, vid) == "ACTIVE/RUNNING" and vid in cloud.oracle()["lost"]
+    alive = cloud.create_vm({"HOST": 1, "STATE": "RUNNING"}, emit=False)
+    cloud.vm_action("resched", alive)  # a live source: saved, then moved
+    run_until(cloud, clock, T0 + 2)
+    assert cloud.vms[alive].hid == 2 and lcm(cloud, alive) == "ACTIVE/RUNNING"
+    assert cloud.oracle()["running"][str(alive)] == [2]

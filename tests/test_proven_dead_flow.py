@@ -64,13 +64,19 @@ def offline_before_vm_calls(calls: list[list[Any]], hid: int) -> tuple[int, int,
     return status, read, first_vm
 
 
-def assert_recovered_once(url: str, vms: list[int], dead: int) -> dict[str, Any]:
+def wait_running(url: str, vms: list[int]) -> dict[str, Any]:
+    """The oracle once every VM runs somewhere (the incident closes when they have left the host: on their way)."""
     def all_running() -> dict[str, Any] | None:
         o = call(url, "lab.oracle")
         return o if all(o["running"].get(str(v)) for v in vms) else None
 
     o = wait_until(all_running, 20, what="every VM of the dead host running again")
     assert o["duplicates"] == [] and o["lost"] == []
+    return o
+
+
+def assert_recovered_once(url: str, vms: list[int], dead: int) -> dict[str, Any]:
+    o = wait_running(url, vms)
     assert all(o["running"][str(v)] != [dead] and len(o["running"][str(v)]) == 1 for v in vms)
     assert all(vm_timeline(o, v).count("ACTIVE/CLEANUP_RESUBMIT") == 1 for v in vms)  # recovered once each
     assert all("ACTIVE/PROLOG_FAILURE" not in vm_timeline(o, v) for v in vms)
@@ -101,20 +107,39 @@ def test_proven_dead_host_goes_offline_before_any_vm_is_recovered(tmp_path: Path
             assert steps.index("take_host_offline") < steps.index("dispatch_vm_recoveries")
 
 
-def test_proven_dead_host_with_migrate_policy_recreates_its_running_vms(tmp_path: Path, redis_url: str) -> None:
-    """migrate (resched) from RUNNING would save the VM on the dead host: RUNNING VMs take migrate_fallback."""
-    with running_lab(hosts=3, **LAB) as lab:  # one cluster, shared system datastore
+def test_proven_dead_host_with_migrate_policy_migrates_from_unknown(tmp_path: Path, redis_url: str) -> None:
+    """migrate (resched) from RUNNING would save the VM on the dead host: OFFLINE, then DISABLED (monitord probes at
+    once, fails, the VMs go UNKNOWN), then migrate from UNKNOWN; OFFLINE again at the close. On a local (ssh)
+    system datastore the RUNNING VMs take migrate_fallback at once."""
+    with running_lab(hosts=6, clusters=2, **LAB) as lab:  # cluster 0 (hosts 0, 2, 4) shared, cluster 1 local
         url = lab.rpc_url
-        vms = populate(url, 1, 4, {0: 2, 2: 2})
-        call(url, "lab.host.fence", 1)
+        shared = populate(url, 2, 3, {0: 2, 4: 2})
+        local = populate(url, 3, 2, {1: 2, 5: 2})
+        call(url, "lab.host.fence", 2)
+        call(url, "lab.host.fence", 3)
         with worker_stack(tmp_path, redis_url, url,
                           policy={"host_action": "migrate", "migrate_fallback": "recreate"}) as stack:
-            inc = open_proven(stack.store, 1)
+            call(url, "lab.calls", True)
+            inc = open_proven(stack.store, 2)
+            inc_local = open_proven(stack.store, 3, cluster=1)
             assert stack.wait_closed(inc).status.value == "recovered"
-            assert_recovered_once(url, vms, 1)
+            assert stack.wait_closed(inc_local).status.value == "recovered"
+            o = wait_running(url, shared)
+            for v in shared:
+                states = vm_timeline(o, v)
+                assert "ACTIVE/CLEANUP_RESUBMIT" not in states and states.count("ACTIVE/PROLOG_MIGRATE_UNKNOWN") == 1
+                assert o["running"][str(v)] in ([0], [4])
+            assert_recovered_once(url, local, 3)
             records = stack.store.vm_records(inc)
-            assert {r["action"] for r in records.values()} == {"recreate"}
-            assert all("proven dead" in r.get("detail", "") for r in records.values()), records
+            assert {r["action"] for r in records.values()} == {"migrate"}, records
+            assert {r["action"] for r in stack.store.vm_records(inc_local).values()} == {"recreate"}
+            calls = call(url, "lab.calls")
+            status, read, first_vm = offline_before_vm_calls(calls, 2)
+            disabled = next(i for i, c in enumerate(calls) if c[2] == "one.host.status" and c[3] == [2, 1])
+            first_vm_of_2 = next(i for i, c in enumerate(calls) if c[2] in VM_CALLS and c[3][-1] in shared)
+            assert status < read < disabled < first_vm_of_2
+            wait_until(lambda: host_state(url, 2) == HostState.OFFLINE, 5, what="host 2 OFFLINE again")
+            assert host_state(url, 3) == HostState.OFFLINE  # never DISABLED: nothing on it could migrate
 
 
 def test_offline_not_confirmed_touches_no_vm_then_retries(tmp_path: Path, redis_url: str) -> None:

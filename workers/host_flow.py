@@ -1,8 +1,8 @@
 """The host-failure flow: one incident, small named steps, each re-reading state and safe to repeat.
 
     recover_host(incident)            TASK_RECOVER_HOST
-      lock_host -> confirm_host_failed -> check_storm -> fence_host -> [take_host_offline] -> list_vms_to_recover
-      -> dispatch_vm_recoveries
+      lock_host -> confirm_host_failed -> check_storm -> fence_host -> [take_host_offline -> [expose_vms_to_probe]]
+      -> list_vms_to_recover -> dispatch_vm_recoveries
     recover_host_vm(incident, vm)     TASK_RECOVER_VM, one per VM, in priority order (workers/vm_task.py)
       claim_vm -> (re-read, decide, act, confirm_vm_left_host)* -> record -> the last one closes the incident
 
@@ -118,45 +118,63 @@ def take_host_offline(flow: Flow, host: HostView) -> bool:
     §1: `HostAPI.cc`, `Host.cc` offline(), `HostMonitorManager.cc`). oned's answer is not trusted alone (the
     handler ignores what `hpool->update` returns), hence the read-back. An unanswered call is never sent again:
     it is read back for `offline_confirm_s` (sending OFFLINE twice would be harmless, but a lingering call is
-    not ours to race). Idempotent: a host already OFFLINE costs one read.
+    not ours to race). Idempotent: a host already OFFLINE costs nothing.
     """
     if host.state == HostState.OFFLINE:
         return True
+    return _set_host_status(flow, host, HostStatus.OFFLINE, HostState.OFFLINE)
+
+
+@step("expose_vms_to_probe")
+def expose_vms_to_probe(flow: Flow, host: HostView) -> bool:
+    """host_action = migrate: OFFLINE -> DISABLED, so that monitord probes the host at once
+    (`HostMonitorManager::update_host`: a host leaving OFFLINE is probed now), the probe fails, and oned sets its
+    RUNNING VMs UNKNOWN (`InformationManager.cc`, `LifeCycleStates.cc` monitor_done), from where a migration
+    never contacts the old host (PROLOG_MIGRATE_UNKNOWN). DISABLED keeps it out of the scheduler as OFFLINE did;
+    it shows no ERROR and publishes no host event (`Host::error` keeps DISABLED). The VM tasks wait for UNKNOWN
+    up to `unknown_wait_s` after `disabled_at`; the incident's close sets the host OFFLINE again."""
+    if not _set_host_status(flow, host, HostStatus.DISABLED, HostState.DISABLED):
+        return False
+    flow.rt.store.set_fields(flow.incident.id, disabled_at=round(time.time(), 3))
+    return True
+
+
+def _set_host_status(flow: Flow, host: HostView, status: HostStatus, state: HostState) -> bool:
     flow.check_lease()
     flow.rt.check_not_paused()
     if flow.rt.settings.worker.dry_run:
-        log.warning("DRY RUN incident %s: would set host %s OFFLINE", flow.incident.id, host.id)
-        flow.emit("dry_run", host=host.id, would="host status OFFLINE", state=host.state.name)
+        log.warning("DRY RUN incident %s: would set host %s %s", flow.incident.id, host.id, state.name)
+        flow.emit("dry_run", host=host.id, would=f"host status {state.name}", state=host.state.name)
         return True  # the VM steps are dry runs as well: nothing is touched
     wait_s = 0.0
     try:
-        flow.rt.oned.host_status(host.id, HostStatus.OFFLINE)
+        flow.rt.oned.host_status(host.id, status)
     except OnedError as exc:
         if exc.kind is ErrorKind.UNKNOWN:
-            flow.emit("outcome_unknown", host=host.id, action="offline")
+            flow.emit("outcome_unknown", host=host.id, action=state.name)
             wait_s = flow.rt.settings.worker.offline_confirm_s  # it may still be applied: read until then
         else:
-            flow.emit("offline_refused", host=host.id, error=str(exc)[:200])
-    return _reads_offline(flow, host.id, wait_s)
+            flow.emit("host_status_refused", host=host.id, status=state.name, error=str(exc)[:200])
+    return _reads_state(flow, host.id, state, wait_s)
 
 
-def _reads_offline(flow: Flow, host_id: int, wait_s: float) -> bool:
-    def offline() -> bool:
+def _reads_state(flow: Flow, host_id: int, state: HostState, wait_s: float) -> bool:
+    def shows() -> bool:
         flow.check_lease_local()
         try:
-            return flow.rt.oned.host_info(host_id).state == HostState.OFFLINE
+            return flow.rt.oned.host_info(host_id).state == state
         except OnedError as exc:
             if exc.missing:
                 return False
             raise
 
-    if offline():
+    if shows():
         return True
     if wait_s <= 0:
-        return False  # oned answered, and not with OFFLINE: nothing more will come of this call
+        return False  # oned answered, and the host does not show it: nothing more will come of this call
     try:
-        wait_until(offline, wait_s, interval_s=0.1, backoff=1.5, max_interval_s=1.0,
-                   what=f"host {host_id} OFFLINE")
+        wait_until(shows, wait_s, interval_s=0.1, backoff=1.5, max_interval_s=1.0,
+                   what=f"host {host_id} {state.name}")
     except WaitTimeout:
         return False
     return True
@@ -268,8 +286,11 @@ def _host_flow(flow: Flow) -> str:
     vms_read = _read_ahead(flow, host, policy)
     if not _fenced(flow, host, policy, vms_read):
         return "fence_failed"
-    if proven_dead(flow) and not take_host_offline(flow, host):
-        return _offline_not_confirmed(flow, host, vms_read)
+    if proven_dead(flow):
+        if not take_host_offline(flow, host):
+            return _offline_not_confirmed(flow, host, vms_read)
+        if policy.host_action == "migrate" and not expose_vms_to_probe(flow, host):
+            flow.emit("not_disabled", host=host.id)  # its RUNNING VMs take migrate_fallback at once
     return _recover_vms(flow, host, policy, vms_read)
 
 
@@ -372,6 +393,7 @@ def _recover_vms(flow: Flow, host: HostView, policy: ClusterPolicy, vms_read: Fu
     return "dispatched"
 
 
-__all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "fence_host", "finish_incident",
+__all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "expose_vms_to_probe", "fence_host",
+           "finish_incident",
            "list_vms_to_recover", "proven_dead", "recover_host", "redispatch_pending", "storm_reason",
            "take_host_offline", "vm_queue_moving"]
