@@ -51,6 +51,11 @@ def populate(url: str, dead: int, n_dead: int, others: dict[int, int]) -> list[i
     return [call(url, "lab.vm.create", {"HOST": dead, "STATE": "RUNNING"}) for _ in range(n_dead)]
 
 
+def vm_of(logged: list[Any]) -> int:
+    """The VM a logged VM call acted on (`one.vm.action` takes the action name first)."""
+    return int(logged[3][1] if logged[2] == "one.vm.action" else logged[3][0])
+
+
 def host_state(url: str, hid: int) -> int:
     return int(call(url, "one.host.info", hid).split("<STATE>")[1].split("<")[0])
 
@@ -98,8 +103,7 @@ def test_proven_dead_host_goes_offline_before_any_vm_is_recovered(tmp_path: Path
             calls = call(url, "lab.calls")
             status, read, first_vm = offline_before_vm_calls(calls, 0)
             assert status < read < first_vm < len(calls), calls[:12]
-            assert [c[3][0] for c in calls if c[2] == "one.vm.recover"] and \
-                {c[3][0] for c in calls if c[2] == "one.vm.recover"} == set(vms)
+            assert {vm_of(c) for c in calls if c[2] == "one.vm.recover"} == set(vms)
             assert host_state(url, 0) == HostState.OFFLINE  # left OFFLINE for the operator (docs/operations.md)
             log = [e["event"] for e in stack.store.log(inc)]
             assert "fence" not in log  # the detector fenced it
@@ -134,9 +138,9 @@ def test_proven_dead_host_with_migrate_policy_migrates_from_unknown(tmp_path: Pa
             assert {r["action"] for r in records.values()} == {"migrate"}, records
             assert {r["action"] for r in stack.store.vm_records(inc_local).values()} == {"recreate"}
             calls = call(url, "lab.calls")
-            status, read, first_vm = offline_before_vm_calls(calls, 2)
+            status, read, _ = offline_before_vm_calls(calls, 2)
             disabled = next(i for i, c in enumerate(calls) if c[2] == "one.host.status" and c[3] == [2, 1])
-            first_vm_of_2 = next(i for i, c in enumerate(calls) if c[2] in VM_CALLS and c[3][-1] in shared)
+            first_vm_of_2 = next(i for i, c in enumerate(calls) if c[2] in VM_CALLS and vm_of(c) in shared)
             assert status < read < disabled < first_vm_of_2
             wait_until(lambda: host_state(url, 2) == HostState.OFFLINE, 5, what="host 2 OFFLINE again")
             assert host_state(url, 3) == HostState.OFFLINE  # never DISABLED: nothing on it could migrate
