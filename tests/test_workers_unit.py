@@ -255,3 +255,17 @@ def test_take_host_offline_not_confirmed_is_false_and_an_offline_host_costs_no_c
     already = _FakeOned(applied_after_reads=0)
     assert take_host_offline(_flow(already), host(4, HostState.OFFLINE)) is True  # type: ignore[arg-type]
     assert already.status_calls == [] and already.reads == 0
+
+
+def test_awaits_unknown_only_for_a_running_vm_that_could_migrate_until_the_deadline() -> None:
+    from oneha.workers.vm_task import awaits_unknown
+
+    migrate = ClusterPolicy(host_action="migrate")
+    running = vm(1, lcm=LcmState.RUNNING, ds=0)
+    later = time.time() + 30
+    assert awaits_unknown(running, migrate, frozenset({0}), False, later)
+    assert not awaits_unknown(running, migrate, frozenset({0}), False, time.time() - 1)  # waited long enough
+    assert not awaits_unknown(running, migrate, frozenset(), False, later)  # local DS: fallback at once
+    assert not awaits_unknown(running, migrate, frozenset({0}), True, later)  # a migration failed already
+    assert not awaits_unknown(vm(1, ds=0), migrate, frozenset({0}), False, later)  # UNKNOWN already
+    assert not awaits_unknown(running, ClusterPolicy(host_action="recreate"), frozenset({0}), False, later)
