@@ -57,7 +57,12 @@ def advance(c: CloudState, vm: Vm, now: float) -> None:
 
 
 def step_failure(c: CloudState, vm: Vm) -> str | None:
-    """A step out of a driver stage fails if the host is unreachable, or if a sticky failure targets it."""
+    """A step out of a driver stage fails if the host is unreachable, or if a sticky failure targets it.
+
+    A deployment onto a dead host (one oned still shows MONITORED, so the scheduler picked it) fails in its first
+    stage: the TM prolog runs on the target over SSH (`src/tm_mad/qcow2/clone`, which `shared` links to:
+    `ssh_make_path $DST_HOST`, `ssh_exec_and_log "$DST_HOST"`), and its failure is `trigger_prolog_failure`
+    (src/lcm/LifeCycleStates.cc): PROLOG_FAILURE, the VM running nowhere."""
     if vm.state != VmState.ACTIVE:
         return None
     stage = vm.lcm.name
