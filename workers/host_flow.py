@@ -135,7 +135,8 @@ def expose_vms_to_probe(flow: Flow, host: HostView) -> bool:
     up to `unknown_wait_s` after `disabled_at`; the incident's close sets the host OFFLINE again."""
     if not _set_host_status(flow, host, HostStatus.DISABLED, HostState.DISABLED):
         return False
-    flow.rt.store.set_fields(flow.incident.id, disabled_at=round(time.time(), 3))
+    if not flow.rt.settings.worker.dry_run:  # a drill changed nothing: no VM will go UNKNOWN, none waits for it
+        flow.rt.store.set_fields(flow.incident.id, disabled_at=round(time.time(), 3))
     return True
 
 
