@@ -41,7 +41,6 @@ from oneha.lab.model import (
     ACT_NONE,
     NOT_MEANT_TO_RUN,
     POWER_OFF,
-    POWER_ON,
     POWER_PARTITIONED,
     Datastore,
     Host,
@@ -176,6 +175,7 @@ class Cloud(CloudState):
                                                  f"available for state {vm.state_name()}", vid)
             if vm.hid == hid:
                 raise LabError(ErrorCode.ACTION, "VM is already running on host", vid)
+            _usable_target(host, vid)
             lifecycle.migrate_to(self, vm, host, live=live and vm.lcm == L("RUNNING"),
                              action=ACT_LIVE_MIGRATE if live else ACT_MIGRATE)
 
@@ -186,23 +186,39 @@ class Cloud(CloudState):
             if vm.state not in (VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED):
                 raise LabError(ErrorCode.ACTION, "Error performing action \"deploy\": This action is not "
                                                  f"available for state {vm.state_name()}", vid)
+            _usable_target(host, vid)
             self.pending.discard(vid)
             self._open_history(vm, host, ACT_NONE)
+            # Any other host state is accepted (ERROR, DISABLED, INIT; MONITORED but dead): the deployment then
+            # fails there (`lifecycle.step_failure`: PROLOG_FAILURE).
             self._start_plan(vm, [(VmState.ACTIVE, "PROLOG"), (VmState.ACTIVE, "BOOT"),
                                   (VmState.ACTIVE, "RUNNING")])
 
     def host_status(self, hid: int, status: int) -> None:
+        """`one.host.status` as `HostAPI::status` (src/rm/api/HostAPI.cc): the host's state only, no VM touched;
+        `Host::enable/disable/offline` (src/host/Host.cc) pick the state, `HostPool::update` publishes the state
+        event when it changed, and monitord reacts (`monitor.status_changed`)."""
         with self.lock:
             host = self.get_host(hid)
-            target = {0: HostState.MONITORED, 1: HostState.DISABLED, 2: HostState.OFFLINE}.get(status)
-            if target is None:
-                raise LabError(ErrorCode.XML_RPC_API, f"Wrong status {status}", hid)
-            if target == HostState.MONITORED and host.power != POWER_ON:
-                # enabling a dead host: oned sets INIT and monitoring then finds it silent
-                host.lost = False
-                target = HostState.INIT
-            if host.state != target:
+            if status not in (0, 1, 2):
+                raise LabError(ErrorCode.INTERNAL, "Wrong status code", hid)  # HostAPI.cc: any other code
+            if self.host_status_ignore > 0:
+                self.host_status_ignore -= 1
+                return  # lab.faults host_status_ignore: answered SUCCESS, nothing written
+            old = host.state
+            if status == 0:
+                # `Host::enable`: MONITORED only from DISABLED with a known capacity (total_cpu > 0); from OFFLINE
+                # (capacity wiped), ERROR, INIT or MONITORED it is INIT, MONITORED again after a successful monitor.
+                target = HostState.MONITORED if old == HostState.DISABLED and not host.wiped else HostState.INIT
+            elif status == 1:
+                target = HostState.DISABLED
+            else:
+                target = HostState.OFFLINE
+                host.wiped = True  # `Host::offline`: `reset_capacity`, even if it was OFFLINE already
+                self._touch_host(host)
+            if target != old:
                 self._set_host(host, target)
+                monitor.status_changed(self, host, old)
 
     # ---------------------------------------------------------------------------------------------------------
     # Fault injection
@@ -278,3 +294,8 @@ class Cloud(CloudState):
                             "EPILOG", "EPILOG_STOP", "EPILOG_UNDEPLOY", "CLEANUP_DELETE")
         return not (on_the_way or stopping)
 
+
+def _usable_target(host: Host, vid: int) -> None:
+    """`one.vm.deploy`/`migrate` refuse only an OFFLINE target (`VirtualMachineAPI.cc`, `get_host_information`)."""
+    if host.state == HostState.OFFLINE:
+        raise LabError(ErrorCode.ACTION, "Host is offline, cannot use it to deploy VM", vid)

@@ -27,6 +27,8 @@ from oneha.lab.model import (
 from oneha.lab.state import CloudState
 from oneha.opennebula import RecoverOp, VmState
 
+REVERT_MIGRATE = "REVERT_MIGRATE"  # `step_failure`: a failed SAVE_MIGRATE, back RUNNING on the old host
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Playing a plan (the due steps are advanced by `Cloud.tick`)
@@ -38,7 +40,11 @@ def advance(c: CloudState, vm: Vm, now: float) -> None:
     if failure is not None:
         vm.plan.clear()
         c.busy.discard(vm.id)
-        if failure in ("POWEROFF", "SUSPENDED"):
+        if failure == REVERT_MIGRATE:
+            back = c.hosts[vm.history[-2].hid]
+            c._open_history(vm, back, vm.history[-1].action)  # the previous record, cloned
+            c._set(vm, VmState.ACTIVE, L("RUNNING"))
+        elif failure in ("POWEROFF", "SUSPENDED"):
             c._set(vm, VmState[failure], L("LCM_INIT"))
         else:
             c._set(vm, VmState.ACTIVE, L(failure))
@@ -51,12 +57,19 @@ def advance(c: CloudState, vm: Vm, now: float) -> None:
 
 
 def step_failure(c: CloudState, vm: Vm) -> str | None:
-    """A step out of a driver stage fails if the host is unreachable, or if a sticky failure targets it."""
+    """A step out of a driver stage fails if the host is unreachable, or if a sticky failure targets it.
+
+    A deployment onto a dead host (one oned still shows MONITORED, so the scheduler picked it) fails in its first
+    stage: the TM prolog runs on the target over SSH (`src/tm_mad/qcow2/clone`, which `shared` links to:
+    `ssh_make_path $DST_HOST`, `ssh_exec_and_log "$DST_HOST"`), and its failure is `trigger_prolog_failure`
+    (src/lcm/LifeCycleStates.cc): PROLOG_FAILURE, the VM running nowhere."""
     if vm.state != VmState.ACTIVE:
         return None
     stage = vm.lcm.name
     if vm.sticky_fail is not None and STAGE_OF_FAILURE.get(vm.sticky_fail.name) == stage:
         return str(vm.sticky_fail.name)
+    if stage == "SAVE_MIGRATE" and len(vm.history) >= 2 and c.hosts[vm.history[-2].hid].power != POWER_ON:
+        return REVERT_MIGRATE  # the save ran on the old host, which does not answer (`trigger_save_failure`)
     host = c.hosts.get(vm.hid) if vm.hid is not None else None
     if host is not None and host.power != POWER_ON and stage in FAILURE_OF_STAGE:
         return FAILURE_OF_STAGE[stage]
@@ -89,10 +102,13 @@ def migrate_to(c: CloudState, vm: Vm, host: Host, live: bool, action: int) -> No
         c._start_plan(vm, [(VmState.ACTIVE, "RUNNING")], first_now=False)
         return
     if from_lcm == "RUNNING":
-        c._really_stop(vm)  # cold migration: the domain is saved and stopped first
+        c._really_stop(vm)  # cold migration: the domain is saved and stopped first (where the host can be reached)
         c._open_history(vm, host, action)
-        c._start_plan(vm, [(VmState.ACTIVE, "PROLOG_MIGRATE"), (VmState.ACTIVE, "BOOT"),
-                           (VmState.ACTIVE, "RUNNING")])
+        # `trigger_migrate` (LifeCycleActions.cc): SAVE_MIGRATE, the VMM save runs on the *old* host; on a dead one
+        # it fails and `revert_migrate_after_failure` (LifeCycleStates.cc) puts the VM back RUNNING there
+        # (`step_failure`).
+        c._start_plan(vm, [(VmState.ACTIVE, "SAVE_MIGRATE"), (VmState.ACTIVE, "PROLOG_MIGRATE"),
+                           (VmState.ACTIVE, "BOOT"), (VmState.ACTIVE, "RUNNING")])
     elif from_lcm == "UNKNOWN":
         # The source does not answer: its domain (if any) is left where it is. Disks on a local (ssh) datastore
         # cannot be copied off a dead host, so the prolog fails there (why host_error.rb skips -m on them).

@@ -95,6 +95,9 @@ class Host:
     vm_ids: set[int] = field(default_factory=set)  # oned's HOST/VMS
     silent_since: float | None = None  # monotonic time the front-end last heard from it, when it stopped answering
     lost: bool = False  # monitoring has given up on it (its RUNNING VMs were set UNKNOWN)
+    # `Host::offline` (src/host/Host.cc) wipes TOTAL/MAX CPU and MEMORY (`HostShare::reset_capacity`,
+    # include/HostShare.h); only a successful monitor report fills them in again.
+    wiped: bool = False
     xml_cache: str | None = None
 
 

@@ -17,8 +17,10 @@ from oneha.opennebula import HostState, VmState
 
 def monitor(c: CloudState, now: float) -> None:
     for host in c.hosts.values():
+        if host.state == HostState.OFFLINE:
+            continue  # not monitored at all (`HostMonitorManager::update_host` stops it)
         if host.power == POWER_ON:
-            if host.lost:
+            if host.lost or host.state == HostState.INIT or host.wiped:
                 host_answers(c, host)
             continue
         if host.lost or host.silent_since is None or now - host.silent_since < c.monitoring_interval_s:
@@ -45,12 +47,16 @@ def host_silent(c: CloudState, host: Host) -> None:
 
 def host_answers(c: CloudState, host: Host) -> None:
     """Heard from again: MONITORED, and its UNKNOWN VMs RUNNING if really there; a missing domain is reported
-    as the MISSING_STATE by the VM probe (`probe_vms`)."""
+    as the MISSING_STATE by the VM probe (`probe_vms`). `Host::update_info` (src/host/Host.cc) ignores a report of
+    an OFFLINE host and keeps DISABLED; any other state (ERROR, INIT) becomes MONITORED, capacity known again."""
+    if host.state == HostState.OFFLINE:
+        return
     host.lost = False
     host.silent_since = None
-    if host.template.pop("ERROR", None) is not None:  # `Host::update_info` clears it on the next report
+    if host.template.pop("ERROR", None) is not None or host.wiped:  # cleared / filled in by the report
+        host.wiped = False
         c._touch_host(host)
-    if host.state == HostState.ERROR:
+    if host.state in (HostState.ERROR, HostState.INIT):
         c._set_host(host, HostState.MONITORED)
     for vid in sorted(host.vm_ids):
         vm = c.vms[vid]
@@ -72,8 +78,9 @@ def probe_vms(c: CloudState, now: float) -> None:
             del c.vanished[vid]  # moved, acted on or already stopped: the report changes nothing
             continue
         host = c.hosts[hid]
-        if host.power != POWER_ON or host.lost or now - since < c.monitoring_interval_s:
-            continue
+        if host.power != POWER_ON or host.lost or host.state == HostState.OFFLINE or \
+                now - since < c.monitoring_interval_s:
+            continue  # (an OFFLINE host is not monitored: its VMs stay as they are, `InformationManager.cc`)
         if now - vm.running_since < c.state_guard_s:
             continue  # "Ignoring VM state update"
         del c.vanished[vid]
@@ -82,6 +89,32 @@ def probe_vms(c: CloudState, now: float) -> None:
             monitor_poweroff(c, vm)
         elif vm.lcm == L("RUNNING"):
             c._set(vm, VmState.ACTIVE, L("UNKNOWN"))  # `trigger_monitor_done` (only from RUNNING)
+
+
+def status_changed(c: CloudState, host: Host, old: HostState) -> None:
+    """monitord told of an operator's status change (`HostMonitorManager::update_host`, HostMonitorManager.cc):
+    to OFFLINE it stops monitoring the host; from OFFLINE it probes the host at once (the timed profiles: the IM
+    driver's start_monitor takes `start_monitor_s` to fail on a dead host; `fast`: now). Any other change only
+    goes on monitoring as before (a DISABLED host is still probed, and still "fails": its RUNNING VMs go UNKNOWN
+    with no host event, `host_silent`)."""
+    timing = c.timing
+    if host.state == HostState.OFFLINE:
+        if timing is not None:
+            timing.probing.pop(host.id, None)
+        return
+    if old != HostState.OFFLINE:
+        if host.state == HostState.INIT and host.power != POWER_ON and host.lost:
+            # enabled while monitord had given up on it: INIT until its next probe fails again (ERROR)
+            host.lost = False
+            host.silent_since = c.clock()
+        return
+    host.lost = False  # a fresh probe: what it finds now decides
+    if host.power == POWER_ON:
+        host_answers(c, host)
+    elif timing is not None:
+        timing.start_probe(host)
+    else:
+        host_silent(c, host)
 
 
 def monitor_poweroff(c: CloudState, vm: Vm) -> None:

@@ -14,7 +14,7 @@ import socketserver
 import threading
 import time
 import xmlrpc.client
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
@@ -61,7 +61,15 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "lab.faults": ((), (dict,)),
     "lab.oracle": ((), (float,)),
     "lab.stats": ((), (bool,)),
+    "lab.calls": ((), (bool,)),
 }
+
+# The calls `lab.calls` lists, in the order they were answered: every call that changes a host or a VM, and the
+# host reads that may confirm such a change (tests check the order oneha's calls reach oned in, e.g. a host set
+# OFFLINE and read back before any VM of it is recovered). VM reads are left out: they are most of the traffic.
+LOGGED_CALLS = frozenset({"one.host.status", "one.host.info", "one.vm.action", "one.vm.recover", "one.vm.deploy",
+                          "one.vm.migrate"})
+CALL_LOG_SIZE = 20_000
 
 ONED_VERSION = "7.2.0"
 
@@ -113,6 +121,27 @@ class Stats:
         self.calls: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.seq = 0
+        self.log: deque[list[Any]] = deque(maxlen=CALL_LOG_SIZE)
+
+    def answered(self, method: str, args: tuple[Any, ...], reply: Any) -> None:
+        """Log a LOGGED_CALLS call as answered: [seq, monotonic time, method, args, ok, STATE read by host.info or
+        -1] (no None: XML-RPC cannot carry it)."""
+        ok = isinstance(reply, list) and bool(reply) and reply[0] is True
+        state = -1
+        if ok and method == "one.host.info" and "<STATE>" in str(reply[1]):
+            state = int(str(reply[1]).split("<STATE>", 1)[1].split("<", 1)[0])
+        plain = [a for a in args if isinstance(a, int | str) and not isinstance(a, bool)][:3]
+        with self.lock:
+            self.seq += 1
+            self.log.append([self.seq, time.monotonic(), method, plain, ok, state])
+
+    def call_log(self, reset: bool) -> list[list[Any]]:
+        with self.lock:
+            out = list(self.log)
+            if reset:
+                self.log.clear()
+        return out
 
     def enter(self, method: str) -> None:
         with self.lock:
@@ -185,6 +214,7 @@ class LabRpc:
             "lab.hook.create": self.hook_create,
             "lab.vm.create": cloud.create_vm, "lab.faults": self.set_faults,
             "lab.oracle": lambda since=0.0: cloud.oracle(since), "lab.stats": self.get_stats,
+            "lab.calls": lambda reset=False: self.stats.call_log(reset),
         }
 
     # -- dispatch ------------------------------------------------------------------------------------------------
@@ -194,7 +224,10 @@ class LabRpc:
             raise xmlrpc.client.Fault(-506, f"Method '{method}' not defined")
         self.stats.enter(method)
         try:
-            return self._call(method, params)
+            reply = self._call(method, params)
+            if method in LOGGED_CALLS:
+                self.stats.answered(method, params[1:], reply)
+            return reply
         finally:
             self.stats.leave(method)
 
@@ -318,19 +351,24 @@ class LabRpc:
 
     def set_faults(self, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
         knobs = dict(knobs or {})
-        if "lcm_ignore" in knobs:  # the next N LCM-level calls are accepted and change nothing (lab/state.py)
-            value = knobs.pop("lcm_ignore")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LabError(ErrorCode.XML_RPC_API, "lcm_ignore must be a non-negative integer")
-            with self.cloud.lock:
-                self.cloud.lcm_ignore = value
+        # lcm_ignore: the next N LCM-level calls are accepted and change nothing (lab/state.py); host_status_ignore:
+        # the next N one.host.status calls answer success and change nothing (`HostAPI::status` never checks what
+        # `hpool->update` returned, src/rm/api/HostAPI.cc: a failed write still answers SUCCESS).
+        for name in ("lcm_ignore", "host_status_ignore"):
+            if name in knobs:
+                value = knobs.pop(name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise LabError(ErrorCode.XML_RPC_API, f"{name} must be a non-negative integer")
+                with self.cloud.lock:
+                    setattr(self.cloud, name, value)
         if knobs:
             self.faults.update(knobs)
             if self.events is not None:
                 self.events.drop_rate = self.faults.event_drop_rate
                 self.events.reorder_rate = self.faults.event_reorder_rate
         with self.cloud.lock:
-            return {**self.faults.as_dict(), "lcm_ignore": self.cloud.lcm_ignore}
+            return {**self.faults.as_dict(), "lcm_ignore": self.cloud.lcm_ignore,
+                    "host_status_ignore": self.cloud.host_status_ignore}
 
     def get_stats(self, reset: bool = False) -> dict[str, Any]:
         out = self.stats.as_dict(reset)

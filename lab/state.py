@@ -50,6 +50,7 @@ class CloudState:
         # scales everything else (30 s against a real host-failure detection of about a minute).
         self.state_guard_s = monitoring_interval_s if state_guard_s is None else state_guard_s
         self.lcm_ignore = 0  # see _lcm_ignored
+        self.host_status_ignore = 0  # the next N one.host.status calls succeed and change nothing (lab.faults)
         self.lcm_ignored = 0
         self.vanished: dict[int, tuple[str, float, int]] = {}  # vm id -> (reason, when, host id): not seen yet
         self.step_delay_s = step_delay_s

@@ -183,12 +183,21 @@ class Timelines:
             if host.power == POWER_ON:
                 del self.probing[hid]  # start_monitor succeeded: the host answers again
                 self.note(now, "start_monitor_success", hid)
+                if host.state == HostState.INIT or host.wiped:
+                    monitor.host_answers(self.cloud, host)
             elif now >= due:
                 del self.probing[hid]
                 self.note(now, "start_monitor_failure", hid)
                 if host.state != HostState.OFFLINE:
                     monitor.host_silent(self.cloud, host)
         self._returning_hosts(now)
+
+    def start_probe(self, host: Host) -> None:
+        """start_monitor now (leaving OFFLINE, `HostMonitorManager::update_host`); on a dead host it fails after
+        `start_monitor_s`."""
+        now = self.cloud.clock()
+        self.probing[host.id] = now + self.p.start_monitor_s
+        self.note(now, "start_monitor", host.id)
 
     def _monitor_timer(self, now: float) -> None:
         self.note(now, "monitord_timer", -1)
@@ -202,7 +211,8 @@ class Timelines:
 
     def _returning_hosts(self, now: float) -> None:
         for host in self.cloud.hosts.values():
-            if not host.lost or host.power != POWER_ON:
+            waiting = host.lost or host.state == HostState.INIT or host.wiped  # its next report changes something
+            if not waiting or host.power != POWER_ON or host.state == HostState.OFFLINE:
                 self.back_at.pop(host.id, None)
                 continue
             due = self.back_at.setdefault(host.id, self._next_beacon(host.id, now))

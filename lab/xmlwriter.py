@@ -64,9 +64,10 @@ def host_xml(cloud: CloudState, host: Host) -> str:
 def _host(cloud: CloudState, host: Host) -> str:
     ds_id = cloud.cluster_ds.get(host.cluster_id, 0)
     running = sum(1 for v in host.vm_ids if cloud.vms[v].state == VmState.ACTIVE)
+    capacity = 0 if host.wiped else host.capacity  # OFFLINE wiped it (`HostShare::reset_capacity`)
     share = (f"<HOST_SHARE><MEM_USAGE>{running * 524288}</MEM_USAGE><CPU_USAGE>{running * 100}</CPU_USAGE>"
-             f"<TOTAL_MEM>{host.capacity * 524288}</TOTAL_MEM><TOTAL_CPU>{host.capacity * 100}</TOTAL_CPU>"
-             f"<MAX_MEM>{host.capacity * 524288}</MAX_MEM><MAX_CPU>{host.capacity * 100}</MAX_CPU>"
+             f"<TOTAL_MEM>{capacity * 524288}</TOTAL_MEM><TOTAL_CPU>{capacity * 100}</TOTAL_CPU>"
+             f"<MAX_MEM>{capacity * 524288}</MAX_MEM><MAX_CPU>{capacity * 100}</MAX_CPU>"
              f"<RUNNING_VMS>{running}</RUNNING_VMS><VMS_THREAD>{running}</VMS_THREAD>"
              f"<DATASTORES><DISK_USAGE>0</DISK_USAGE><DS><FREE_MB>900000</FREE_MB><ID>{ds_id}</ID>"
              "<TOTAL_MB>1000000</TOTAL_MB><USED_MB>100000</USED_MB></DS><FREE_DISK>900000</FREE_DISK>"

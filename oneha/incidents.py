@@ -230,12 +230,14 @@ return cjson.encode(out)
 REPORT_CHUNK = 500  # reports per _REPORT_MANY call: bounds how long one call keeps Redis busy (about a millisecond)
 
 # KEYS: open key, due zset. ARGV: incident key template, now, detail. Cancels only an incident still in its grace
-# period (TRANSITIONS: WAITING -> CANCELLED).
+# period (TRANSITIONS: WAITING -> CANCELLED), and never one a detector proved (`proof`): oned may still show such a
+# host MONITORED (its monitoring has not noticed yet), which is no sign that it came back.
 _CANCEL_WAITING = """
 local id = redis.call('GET', KEYS[1])
 if not id then return nil end
 local key = string.gsub(ARGV[1], '{id}', id)
 if redis.call('HGET', key, 'status') ~= 'waiting' then return nil end
+if redis.call('HEXISTS', key, 'proof') == 1 then return nil end
 redis.call('HSET', key, 'status', 'cancelled', 'closed_at', ARGV[2], 'updated_at', ARGV[2], 'detail', ARGV[3])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], id)

@@ -157,6 +157,14 @@ class ErrorCode(IntEnum):
     REPLICATION = 0x10000
 
 
+class HostStatus(IntEnum):
+    """`one.host.status` codes (`src/rm/api/HostAPI.h`: ENABLED, DISABLED, OFFLINE); anything else is refused."""
+
+    ENABLED = 0
+    DISABLED = 1
+    OFFLINE = 2
+
+
 class RecoverOp(IntEnum):
     """`one.vm.recover` operations."""
 
@@ -682,6 +690,9 @@ class OnedClient:
 
     def vm_recover(self, vm_id: int, op: RecoverOp) -> None:
         self.server.vm.recover(vm_id, int(op))
+
+    def host_status(self, host_id: int, status: HostStatus) -> None:
+        self.server.host.status(host_id, int(status))
 
     def shared_system_datastores(self) -> frozenset[int]:
         pool = self.server.datastorepool.info()

@@ -232,6 +232,16 @@ class WorkerSettings(_Strict):
         "history record, RESCHED) is taken as a call oned accepted and did nothing with (its LCM, which acts after "
         "the answer, only logs a state it does not handle): the flow reads again and decides again (a new attempt) "
         "instead of waiting out confirm_timeout_s. Keep it above how long oned's LCM may lag under load."))
+    offline_confirm_s: float = Field(10.0, gt=0, description=(
+        "A host proven dead by a detector is set OFFLINE in oned before any of its VMs is touched: how long the "
+        "flow reads the host back for STATE OFFLINE after a `one.host.status` whose outcome is unknown (no answer). "
+        "Not confirmed by then: the incident is held with an alert and tried again every storm_recheck_s."))
+    unknown_wait_s: float = Field(60.0, gt=0, description=(
+        "host_action = migrate on a host proven dead by a detector: the host is set OFFLINE, then DISABLED, so that "
+        "monitord probes it at once, fails, and sets its RUNNING VMs UNKNOWN (a migration from UNKNOWN never "
+        "contacts the dead host; one from RUNNING would save the VM there first). How long a VM task waits for its "
+        "VM to show UNKNOWN before it takes migrate_fallback instead (oned's probe of a dead host fails after "
+        "about 15 s with the default IM_MAD -r 3 and an SSH that gives up in 3 s)."))
     vm_attempts: int = Field(3, ge=1, description="Attempts to recover one VM before it is reported failed.")
     storm_max_share: float = Field(0.4, gt=0, le=1, description=(
         "Hold host incidents when more than this share of a cluster's hosts are in ERROR at once."))

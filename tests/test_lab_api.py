@@ -134,7 +134,7 @@ def test_host_status(one: Any) -> None:
     assert int(one.host.info(3).STATE) == HostState.OFFLINE
     one.host.status(3, 0)
     assert int(one.host.info(3).STATE) == HostState.MONITORED
-    with pytest.raises(pyone.OneApiException):
+    with pytest.raises(pyone.OneInternalException):  # HostAPI.cc: INTERNAL "Wrong status code"
         one.host.status(3, 7)
 
 

@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import replace
 
 from oneha.backoff import Backoff, full_jitter
 from oneha.opennebula import HostState, HostView, LcmState, VmState, VmView, decode_template
@@ -74,6 +75,22 @@ def test_choose_action_migrate_only_on_shared_datastores() -> None:
     assert choose_action(vm(1, ds=101), strict, frozenset({0}))[0] == "report"
     assert choose_action(vm(1), ClusterPolicy(host_action="delete"), frozenset())[0] == "delete"
     assert choose_action(vm(1), ClusterPolicy(host_action="recreate"), frozenset())[0] == "recreate"
+
+
+def test_choose_action_on_a_proven_dead_host_never_migrates_a_running_vm() -> None:
+    """OFFLINE keeps its VMs RUNNING in oned; a resched from RUNNING saves the VM on the dead host first."""
+    migrate = ClusterPolicy(host_action="migrate")
+    running = vm(1, lcm=LcmState.RUNNING, ds=0)
+    assert choose_action(running, migrate, frozenset({0}))[0] == "migrate"  # oned's ERROR path: as before
+    action, why = choose_action(running, migrate, frozenset({0}), host_proven=True)
+    assert action == "recreate" and "proven dead" in why
+    resched = replace(running, resched=True)  # even one already rescheduled: its migration would fail too
+    assert choose_action(resched, migrate, frozenset({0}), host_proven=True)[0] == "recreate"
+    strict = ClusterPolicy(host_action="migrate", migrate_fallback="none")
+    assert choose_action(running, strict, frozenset({0}), host_proven=True)[0] == "report"
+    assert choose_action(vm(1, ds=0), migrate, frozenset({0}), host_proven=True)[0] == "migrate"  # UNKNOWN: fine
+    assert choose_action(running, ClusterPolicy(host_action="recreate"), frozenset(), host_proven=True)[0] == \
+        "recreate"
 
 
 def test_storm_reason() -> None:
@@ -178,3 +195,77 @@ def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success() -> None
     assert [backoff.next_s() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
     backoff.reset()
     assert backoff.next_s() == 0.1
+
+
+class _FakeOned:
+    """host.status whose outcome is unknown (no answer), applied by oned a little later."""
+
+    def __init__(self, applied_after_reads: int, error: str = "unknown") -> None:
+        self.status_calls: list[tuple[int, int]] = []
+        self.reads = 0
+        self.applied_after_reads = applied_after_reads
+        self.error = error
+
+    def host_status(self, hid: int, status: int) -> None:
+        from oneha.opennebula import ErrorKind
+        from oneha.workers.oned import OnedError
+
+        self.status_calls.append((hid, int(status)))
+        kind = ErrorKind.UNKNOWN if self.error == "unknown" else ErrorKind.TRANSIENT
+        raise OnedError("one.host.status", kind, "read timeout")
+
+    def host_info(self, hid: int) -> HostView:
+        self.reads += 1
+        state = HostState.OFFLINE if self.reads > self.applied_after_reads else HostState.MONITORED
+        return host(hid, state)
+
+
+def _flow(oned: _FakeOned, confirm_s: float = 5.0) -> object:
+    from types import SimpleNamespace
+
+    from oneha.settings import WorkerSettings
+
+    events: list[tuple[str, dict[str, object]]] = []
+    rt = SimpleNamespace(oned=oned, settings=SimpleNamespace(worker=WorkerSettings(offline_confirm_s=confirm_s)),
+                         check_not_paused=lambda: None, store=SimpleNamespace(audit=lambda *a, **k: None))
+    return SimpleNamespace(rt=rt, incident=SimpleNamespace(id=1, extra={"proof": "bmc"}), trail=None,
+                           check_lease=lambda: None, check_lease_local=lambda: None,
+                           emit=lambda e, **f: events.append((e, f)), events=events)
+
+
+def test_take_host_offline_reads_back_an_unknown_outcome_and_never_sends_it_again() -> None:
+    from oneha.workers.host_flow import take_host_offline
+
+    oned = _FakeOned(applied_after_reads=3)
+    flow = _flow(oned)
+    assert take_host_offline(flow, host(4)) is True  # type: ignore[arg-type]
+    assert oned.status_calls == [(4, 2)] and oned.reads == 4
+    assert flow.events[0][0] == "outcome_unknown"  # type: ignore[attr-defined]
+
+
+def test_take_host_offline_not_confirmed_is_false_and_an_offline_host_costs_no_call() -> None:
+    from oneha.workers.host_flow import take_host_offline
+
+    refused = _FakeOned(applied_after_reads=10**6, error="transient")
+    assert take_host_offline(_flow(refused), host(4)) is False  # type: ignore[arg-type]
+    assert refused.status_calls == [(4, 2)] and refused.reads == 1  # an answered failure: one read, no wait
+    unknown = _FakeOned(applied_after_reads=10**6)
+    assert take_host_offline(_flow(unknown, confirm_s=0.3), host(4)) is False  # type: ignore[arg-type]
+    assert unknown.status_calls == [(4, 2)] and unknown.reads > 1
+    already = _FakeOned(applied_after_reads=0)
+    assert take_host_offline(_flow(already), host(4, HostState.OFFLINE)) is True  # type: ignore[arg-type]
+    assert already.status_calls == [] and already.reads == 0
+
+
+def test_awaits_unknown_only_for_a_running_vm_that_could_migrate_until_the_deadline() -> None:
+    from oneha.workers.vm_task import awaits_unknown
+
+    migrate = ClusterPolicy(host_action="migrate")
+    running = vm(1, lcm=LcmState.RUNNING, ds=0)
+    later = time.time() + 30
+    assert awaits_unknown(running, migrate, frozenset({0}), False, later)
+    assert not awaits_unknown(running, migrate, frozenset({0}), False, time.time() - 1)  # waited long enough
+    assert not awaits_unknown(running, migrate, frozenset(), False, later)  # local DS: fallback at once
+    assert not awaits_unknown(running, migrate, frozenset({0}), True, later)  # a migration failed already
+    assert not awaits_unknown(vm(1, ds=0), migrate, frozenset({0}), False, later)  # UNKNOWN already
+    assert not awaits_unknown(running, ClusterPolicy(host_action="recreate"), frozenset({0}), False, later)

@@ -1,9 +1,16 @@
 """The host-failure flow: one incident, small named steps, each re-reading state and safe to repeat.
 
     recover_host(incident)            TASK_RECOVER_HOST
-      lock_host -> confirm_host_failed -> check_storm -> fence_host -> list_vms_to_recover -> dispatch_vm_recoveries
+      lock_host -> confirm_host_failed -> check_storm -> fence_host -> [take_host_offline -> [expose_vms_to_probe]]
+      -> list_vms_to_recover -> dispatch_vm_recoveries
     recover_host_vm(incident, vm)     TASK_RECOVER_VM, one per VM, in priority order (workers/vm_task.py)
       claim_vm -> (re-read, decide, act, confirm_vm_left_host)* -> record -> the last one closes the incident
+
+A host proven dead by a detector (the incident's `proof` field, issue 13) may still be MONITORED in oned, and a
+MONITORED host is one the scheduler may place a recreated VM on (`src/schedm/SchedulerManagerDriver.cc`: hosts with
+state 2): the real oned recreated a VM back onto the dead host. So `take_host_offline` sets it OFFLINE and reads
+STATE 8 back before any VM task is sent; not confirmed: held with an alert, no VM touched. Its fence is the
+detector's (`fenced_at` is set), so `fence_host` is skipped.
 
 At-least-once delivery: the host lock (lease + fencing token) keeps two copies of the host task from running
 together; progress markers on the incident (`fenced_at`, status RECOVERING, the pending set) make a re-run continue
@@ -21,8 +28,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from oneha.incidents import Kind, Status
 from oneha.keys import TASK_RECOVER_VM, VM_QUEUE
-from oneha.opennebula import ErrorKind, HostState, HostView, VmView
+from oneha.opennebula import ErrorKind, HostState, HostStatus, HostView, VmView
 from oneha.settings import ClusterPolicy
+from oneha.waiting import WaitTimeout, wait_until
 from oneha.workers.fence import FenceResult, run_fence
 from oneha.workers.hooks import step
 from oneha.workers.oned import OnedError
@@ -94,6 +102,83 @@ def fence_host(flow: Flow, host: HostView, policy: ClusterPolicy) -> FenceResult
     if result.ok:
         flow.rt.store.set_fields(flow.incident.id, fenced_at=round(time.time(), 3), fence=result.result)
     return result
+
+
+def proven_dead(flow: Flow) -> bool:
+    """The incident's host was proven dead by a detector (BMC Off or a stale storage heartbeat), not by oned."""
+    return bool(flow.incident.extra.get("proof"))
+
+
+@step("take_host_offline")
+def take_host_offline(flow: Flow, host: HostView) -> bool:
+    """`one.host.status(hid, OFFLINE)`, then STATE 8 read back: True once oned shows the host OFFLINE.
+
+    OFFLINE, not DISABLED: the scheduler and `one.vm.deploy`/`migrate` leave it out, monitord stops probing it and
+    ignores its reports, so its VMs stay RUNNING and nothing of oned's acts on them behind our back (research
+    §1: `HostAPI.cc`, `Host.cc` offline(), `HostMonitorManager.cc`). oned's answer is not trusted alone (the
+    handler ignores what `hpool->update` returns), hence the read-back. An unanswered call is never sent again:
+    it is read back for `offline_confirm_s` (sending OFFLINE twice would be harmless, but a lingering call is
+    not ours to race). Idempotent: a host already OFFLINE costs nothing.
+    """
+    if host.state == HostState.OFFLINE:
+        return True
+    return _set_host_status(flow, host, HostStatus.OFFLINE, HostState.OFFLINE)
+
+
+@step("expose_vms_to_probe")
+def expose_vms_to_probe(flow: Flow, host: HostView) -> bool:
+    """host_action = migrate: OFFLINE -> DISABLED, so that monitord probes the host at once
+    (`HostMonitorManager::update_host`: a host leaving OFFLINE is probed now), the probe fails, and oned sets its
+    RUNNING VMs UNKNOWN (`InformationManager.cc`, `LifeCycleStates.cc` monitor_done), from where a migration
+    never contacts the old host (PROLOG_MIGRATE_UNKNOWN). DISABLED keeps it out of the scheduler as OFFLINE did;
+    it shows no ERROR and publishes no host event (`Host::error` keeps DISABLED). The VM tasks wait for UNKNOWN
+    up to `unknown_wait_s` after `disabled_at`; the incident's close sets the host OFFLINE again."""
+    if not _set_host_status(flow, host, HostStatus.DISABLED, HostState.DISABLED):
+        return False
+    if not flow.rt.settings.worker.dry_run:  # a drill changed nothing: no VM will go UNKNOWN, none waits for it
+        flow.rt.store.set_fields(flow.incident.id, disabled_at=round(time.time(), 3))
+    return True
+
+
+def _set_host_status(flow: Flow, host: HostView, status: HostStatus, state: HostState) -> bool:
+    flow.check_lease()
+    flow.rt.check_not_paused()
+    if flow.rt.settings.worker.dry_run:
+        log.warning("DRY RUN incident %s: would set host %s %s", flow.incident.id, host.id, state.name)
+        flow.emit("dry_run", host=host.id, would=f"host status {state.name}", state=host.state.name)
+        return True  # the VM steps are dry runs as well: nothing is touched
+    wait_s = 0.0
+    try:
+        flow.rt.oned.host_status(host.id, status)
+    except OnedError as exc:
+        if exc.kind is ErrorKind.UNKNOWN:
+            flow.emit("outcome_unknown", host=host.id, action=state.name)
+            wait_s = flow.rt.settings.worker.offline_confirm_s  # it may still be applied: read until then
+        else:
+            flow.emit("host_status_refused", host=host.id, status=state.name, error=str(exc)[:200])
+    return _reads_state(flow, host.id, state, wait_s)
+
+
+def _reads_state(flow: Flow, host_id: int, state: HostState, wait_s: float) -> bool:
+    def shows() -> bool:
+        flow.check_lease_local()
+        try:
+            return flow.rt.oned.host_info(host_id).state == state
+        except OnedError as exc:
+            if exc.missing:
+                return False
+            raise
+
+    if shows():
+        return True
+    if wait_s <= 0:
+        return False  # oned answered, and the host does not show it: nothing more will come of this call
+    try:
+        wait_until(shows, wait_s, interval_s=0.1, backoff=1.5, max_interval_s=1.0,
+                   what=f"host {host_id} {state.name}")
+    except WaitTimeout:
+        return False
+    return True
 
 
 @step("list_vms_to_recover")
@@ -202,6 +287,11 @@ def _host_flow(flow: Flow) -> str:
     vms_read = _read_ahead(flow, host, policy)
     if not _fenced(flow, host, policy, vms_read):
         return "fence_failed"
+    if proven_dead(flow):
+        if not take_host_offline(flow, host):
+            return _offline_not_confirmed(flow, host, vms_read)
+        if policy.host_action == "migrate" and not expose_vms_to_probe(flow, host):
+            flow.emit("not_disabled", host=host.id)  # its RUNNING VMs take migrate_fallback at once
     return _recover_vms(flow, host, policy, vms_read)
 
 
@@ -226,7 +316,8 @@ def _confirmed_failed_host(flow: Flow) -> tuple[HostView, list[HostView]] | str:
         # Deleted from oned: nothing left to recover, and raising would re-dispatch it every lease for ever.
         rt.store.close(inc, Status.NO_ACTION, "the host no longer exists in oned", handled=False)
         return "no_action"
-    if not fenced and not host.failed:
+    if not fenced and not host.failed and not proven_dead(flow):
+        # (A host proven dead by a detector may still be MONITORED/INIT in oned: it is accepted as it is.)
         came_back = host.state not in (HostState.DISABLED, HostState.OFFLINE)
         rt.store.close(inc, Status.NO_ACTION, f"host is {host.state.name}", handled=not came_back)
         return "no_action"
@@ -236,7 +327,9 @@ def _confirmed_failed_host(flow: Flow) -> tuple[HostView, list[HostView]] | str:
 def _hold_if_storm_or_paused(flow: Flow, host: HostView, pool: list[HostView]) -> str | None:
     """Before fencing (powering a host off is an action too): HELD on a storm or an operator's pause."""
     inc = flow.incident
-    if not inc.extra.get("fenced_at"):
+    # A detector's proof comes with its fence already done, but the host is not yet OFFLINE in oned: taking it
+    # OFFLINE and recovering its VMs are actions, so the storm guard still applies until then.
+    if not inc.extra.get("fenced_at") or (proven_dead(flow) and host.state != HostState.OFFLINE):
         reason = check_storm(flow, host, pool)
         if reason is not None:
             return flow.hold(reason, f"storm guard: {reason}; held until `oneha incidents approve {inc.id}`")
@@ -276,6 +369,15 @@ def _fenced(flow: Flow, host: HostView, policy: ClusterPolicy, vms_read: Future[
     return True
 
 
+def _offline_not_confirmed(flow: Flow, host: HostView, vms_read: Future[list[VmView]] | None) -> str:
+    """No VM may be touched while oned may still place VMs on the dead host: held, alerted, tried again."""
+    if vms_read is not None:
+        vms_read.cancel()
+    return flow.hold("host not confirmed OFFLINE in oned",
+                     f"host {host.id} was proven dead ({flow.incident.extra.get('proof')}) but oned does not show it "
+                     "OFFLINE: no VM touched; tried again every storm_recheck_s")
+
+
 def _recover_vms(flow: Flow, host: HostView, policy: ClusterPolicy, vms_read: Future[list[VmView]] | None
                  ) -> str:
     rt, inc = flow.rt, flow.incident
@@ -292,7 +394,7 @@ def _recover_vms(flow: Flow, host: HostView, policy: ClusterPolicy, vms_read: Fu
     return "dispatched"
 
 
-__all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "fence_host", "finish_incident",
-           "list_vms_to_recover", "recover_host", "redispatch_pending", "storm_reason", "vm_queue_moving"]
-
-
+__all__ = ["check_storm", "confirm_host_failed", "dispatch_vm_recoveries", "expose_vms_to_probe", "fence_host",
+           "finish_incident",
+           "list_vms_to_recover", "proven_dead", "recover_host", "redispatch_pending", "storm_reason",
+           "take_host_offline", "vm_queue_moving"]

@@ -44,6 +44,7 @@ from oneha.backoff import full_jitter
 from oneha.keys import Keys
 from oneha.opennebula import (
     ErrorKind,
+    HostStatus,
     HostView,
     OnedClient,
     RecoverOp,
@@ -255,10 +256,11 @@ class OnedGateway:
         return cls(OnedClient(server), sem, settings, session, observer)
 
     # The one place every call passes ---------------------------------------------------------------------------
-    def call(self, method: str, fn: Callable[[], T], vm_id: int | None = None) -> T:
-        """Run `fn` under the cap with retries. `vm_id` marks a mutating call on that VM (see the module doc)."""
+    def call(self, method: str, fn: Callable[[], T], vm_id: int | None = None, mutating: bool = False) -> T:
+        """Run `fn` under the cap with retries. `vm_id` marks a mutating call on that VM (see the module doc);
+        `mutating` one on anything else (a host's status): an unanswered one is UNKNOWN, never re-sent."""
         attempts = self.settings.call_attempts
-        mutating = vm_id is not None
+        mutating = mutating or vm_id is not None
         for attempt in range(attempts):
             if vm_id is not None and self._unanswered.get(vm_id) is not None:
                 raise OnedError(method, ErrorKind.UNKNOWN, f"an earlier call on VM {vm_id} is still unanswered",
@@ -395,6 +397,9 @@ class OnedGateway:
 
     def vm_recover(self, vm_id: int, op: RecoverOp) -> None:
         self.call("one.vm.recover", lambda: self.client.vm_recover(vm_id, op), vm_id=vm_id)
+
+    def host_status(self, host_id: int, status: HostStatus) -> None:
+        self.call("one.host.status", lambda: self.client.host_status(host_id, status), mutating=True)
 
     def shared_system_datastores(self, max_age_s: float = 30.0) -> frozenset[int]:
         cached = self._shared_ds

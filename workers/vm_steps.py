@@ -74,13 +74,23 @@ def in_transition(vm: VmView) -> bool:
     return vm.state == VmState.ACTIVE and vm.lcm_state in VM_IN_FLIGHT_LCM_STATES
 
 
-def choose_action(vm: VmView, policy: ClusterPolicy, shared_ds: frozenset[int], migrate_failed: bool = False
-                  ) -> tuple[Action, str]:
-    """(action, why) for a VM of a failed host: migrate | recreate | delete | none | report."""
+def choose_action(vm: VmView, policy: ClusterPolicy, shared_ds: frozenset[int], migrate_failed: bool = False,
+                  host_proven: bool = False) -> tuple[Action, str]:
+    """(action, why) for a VM of a failed host: migrate | recreate | delete | none | report.
+
+    `host_proven`: the host was proven dead by a detector and set OFFLINE, so its VMs are still RUNNING in oned
+    (monitord never probes an OFFLINE host). A migrate (resched) from RUNNING is a cold migration that first saves
+    the VM on its host (SAVE_MIGRATE, `LifeCycleActions.cc`): on a dead host it can only fail. Only a migrate from
+    UNKNOWN leaves the old host alone, so a RUNNING VM there takes `migrate_fallback` (recreate needs nothing from
+    the old host: recover 4's cleanup there may fail and the VM is resubmitted anyway).
+    """
     action = Action(policy.host_action)
     if action is not Action.MIGRATE:
         return action, f"policy {action}"
     reason = ""
+    if host_proven and vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING:
+        reason = "RUNNING on a host proven dead (migrate would save it on the dead host)"
+        return _migrate_fallback(policy, reason)
     if migrate_failed:
         reason = "migration failed"
     elif vm.ds_id not in shared_ds:
@@ -91,6 +101,10 @@ def choose_action(vm: VmView, policy: ClusterPolicy, shared_ds: frozenset[int], 
         return Action.MIGRATE, "shared system datastore"
     if vm.resched:
         return Action.MIGRATE, "already rescheduled"
+    return _migrate_fallback(policy, reason)
+
+
+def _migrate_fallback(policy: ClusterPolicy, reason: str) -> tuple[Action, str]:
     if policy.migrate_fallback == "recreate":
         return Action.RECREATE, f"fallback: {reason}"
     return Action.REPORT, reason

@@ -11,6 +11,7 @@ incident recovers it, the VM lease whether another copy of this task runs; every
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +20,17 @@ import redis
 
 from oneha.celeryconf import TASK_SOFT_TIME_LIMIT_S
 from oneha.incidents import Incident, Status
-from oneha.opennebula import LcmState, VmState, VmView
+from oneha.opennebula import HostStatus, LcmState, VmState, VmView
 from oneha.settings import ClusterPolicy
 from oneha.workers.lock import Lease
+from oneha.workers.oned import OnedError
 from oneha.workers.outcomes import OK_RESULTS, Action, Result
 from oneha.workers.runtime import Flow, Paused, Runtime
 from oneha.workers.vm_loop import WAIT, Decision, LoopEnd, LoopState, Verdict, VmLoopKind, call, run_vm_loop, stop
 from oneha.workers.vm_steps import (
     choose_action,
     claim_vm,
+    confirm,
     confirm_vm_left_host,
     has_left_host,
     in_transition,
@@ -35,6 +38,8 @@ from oneha.workers.vm_steps import (
     read_vm,
     release_vm,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +63,8 @@ class VmOutcome:
 
 
 def decide_host_vm(vm: VmView | None, st: LoopState, host_id: int, policy: ClusterPolicy, max_attempts: int,
-                   migrate_failed: bool, shared_ds: Callable[[], frozenset[int]]) -> Decision:
+                   migrate_failed: bool, shared_ds: Callable[[], frozenset[int]], host_proven: bool = False,
+                   unknown_until: float = 0.0) -> Decision:
     """The decision for a VM of a failed host, from the VM as read and the loop's state."""
     if vm is None:
         return stop(Result.GONE, st.action, "VM no longer exists")
@@ -71,12 +77,22 @@ def decide_host_vm(vm: VmView | None, st: LoopState, host_id: int, policy: Clust
     if in_transition(vm):
         return WAIT
     shared = shared_ds() if policy.host_action == "migrate" else frozenset[int]()
-    action, why = choose_action(vm, policy, shared, migrate_failed)
+    if host_proven and awaits_unknown(vm, policy, shared, migrate_failed, unknown_until):
+        return WAIT
+    action, why = choose_action(vm, policy, shared, migrate_failed, host_proven)
     if action is Action.NONE:
         return stop(Result.LEFT_ON_HOST, action, why)
     if action is Action.REPORT:
         return stop(Result.NOT_RECOVERABLE, action, why)
     return call(action, why)
+
+
+def awaits_unknown(vm: VmView, policy: ClusterPolicy, shared: frozenset[int], migrate_failed: bool,
+                   unknown_until: float) -> bool:
+    """A RUNNING VM of a proven-dead host set DISABLED for migration (`expose_vms_to_probe`): wait for monitord's
+    failed probe to set it UNKNOWN (then it migrates without the old host), until `unknown_until` (epoch)."""
+    return (policy.host_action == "migrate" and vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.RUNNING
+            and vm.ds_id in shared and not migrate_failed and time.time() < unknown_until)
 
 
 class HostVm(VmLoopKind):
@@ -85,6 +101,11 @@ class HostVm(VmLoopKind):
     def __init__(self, flow: Flow, host_id: int, policy: ClusterPolicy) -> None:
         self.flow, self.host_id, self.policy = flow, host_id, policy
         self.migrate_failed = False
+        extra = flow.incident.extra
+        self.proven = bool(extra.get("proof"))
+        disabled_at = float(extra.get("disabled_at") or 0.0)
+        self.unknown_until = disabled_at + flow.rt.settings.worker.unknown_wait_s if disabled_at else 0.0
+        self.awaiting = False  # the last decision waits for the VM to go UNKNOWN
 
     def read(self, flow: Flow, vm_id: int) -> VmView | None:
         return read_vm(flow, vm_id)
@@ -92,14 +113,21 @@ class HostVm(VmLoopKind):
     def decide(self, vm: VmView | None, st: LoopState) -> Decision:
         if vm is not None and vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.PROLOG_MIGRATE_UNKNOWN_FAILURE:
             self.migrate_failed = True
-        return decide_host_vm(vm, st, self.host_id, self.policy, self.flow.rt.settings.worker.vm_attempts,
-                              self.migrate_failed, self.flow.rt.oned.shared_system_datastores)
+        decision = decide_host_vm(vm, st, self.host_id, self.policy, self.flow.rt.settings.worker.vm_attempts,
+                                  self.migrate_failed, self.flow.rt.oned.shared_system_datastores, self.proven,
+                                  self.unknown_until)
+        self.awaiting = decision is WAIT and vm is not None and vm.lcm_state == LcmState.RUNNING and self.proven
+        return decision
 
     def verdict(self, vm: VmView, action: Action) -> Verdict:
+        if self.awaiting:
+            return lambda v: None if (v.state, v.lcm_state) == (VmState.ACTIVE, LcmState.RUNNING) else True
         return left_host_verdict(self.host_id, action)
 
     def wait(self, flow: Flow, vm_id: int, action: Action, verdict: Verdict, timeout_s: float,
              before: VmView | None) -> VmView | None:
+        if self.awaiting:  # until UNKNOWN (or anything else), at most until unknown_until
+            return confirm(flow, vm_id, verdict, max(0.1, min(timeout_s, self.unknown_until - time.time())))
         return confirm_vm_left_host(flow, vm_id, self.host_id, action, timeout_s, before)
 
     def reuse(self, seen: VmView, st: LoopState) -> bool:
@@ -214,5 +242,17 @@ def finish_incident(rt: Runtime, incident_id: int) -> Status | None:
     else:
         status = Status.RECOVERED
         detail = f"{len(records)} VMs recovered"
-    rt.store.close(inc, status, detail)
+    if rt.store.close(inc, status, detail) and inc.extra.get("disabled_at"):
+        _back_offline(rt, inc)
     return status
+
+
+def _back_offline(rt: Runtime, inc: Incident) -> None:
+    """The host flow set a proven-dead host DISABLED for its VMs' migration (`expose_vms_to_probe`): OFFLINE again,
+    so that an operator's `onehost enable` gives INIT and a probe, never MONITORED at once with the capacity from
+    before the failure (`Host::enable`, src/host/Host.cc). Best effort: a DISABLED host is out of the scheduler too."""
+    try:
+        rt.oned.host_status(inc.resource_id, HostStatus.OFFLINE)
+    except OnedError as exc:
+        log.warning("incident %s: host %s left DISABLED, setting it OFFLINE failed: %s", inc.id, inc.resource_id,
+                    exc)
