@@ -97,6 +97,7 @@ class Signals:
     next_beat: float = 0.0
     next_flap: float | None = None
     seq: int = 0  # heartbeat sequence; boot changes when the host is powered on again
+    blocked: set[str] = field(default_factory=set)  # source addresses whose connections are reset (block_source)
     boot: str = field(default_factory=lambda: secrets.token_hex(8))
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     bmc_server: BaseWSGIServer | None = None
@@ -150,7 +151,6 @@ class HostSide:
         self.lock = threading.Lock()
         self.hosts: dict[int, Signals] = {}
         self.by_uuid: dict[str, int] = {}
-        self.blocked: set[str] = set()  # source addresses whose connections the listeners drop (block_source)
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lab-hostside", daemon=True)
@@ -228,6 +228,7 @@ class HostSide:
                 self.hosts[h] = Signals(address(h), uuid)
                 self.by_uuid[uuid] = h
                 host.template["FENCE_IP"] = address(h)
+                host.template["ONEHA_MGMT_ADDRESS"] = address(h)  # what detectors probe (contract point 1)
                 host.template["FENCE_REDFISH_SYSTEM"] = f"/redfish/v1/Systems/{uuid}"
                 self.cloud._touch_host(host)
         app = sushy_main.app
@@ -270,11 +271,12 @@ class HostSide:
             sig.mode, sig.net, sig.bmc, sig.bmc_power, sig.beating = "ok", "up", True, "On", True
             sig.next_flap = sig.pending_power = None
 
-    def block_source(self, addr: str, blocked: bool = True) -> None:
-        """Cut one prober off every host: sshd and libvirtd reset connections from `addr` (a detector instance
-        whose own network failed) while every other source still gets answers."""
+    def block_source(self, addr: str, blocked: bool = True, hids: Iterable[int] | None = None) -> None:
+        """Cut one prober off every host (or `hids`): sshd and libvirtd reset connections from `addr` (a detector
+        instance whose own network failed) while every other source still gets answers."""
         with self.lock:
-            (self.blocked.add if blocked else self.blocked.discard)(addr)
+            for hid in self.hosts if hids is None else hids:
+                (self.hosts[hid].blocked.add if blocked else self.hosts[hid].blocked.discard)(addr)
 
     # BMC power (called by LabSystems from the BMC request, in the hostside thread) ------------------------------
     def bmc_power(self, uuid: str) -> str:
@@ -356,7 +358,7 @@ class HostSide:
                 if kind not in sig.sockets:
                     sig.sockets[kind] = self._listen(sig.address, port)
                 self._watch(sig.sockets[kind], sig.net == "up",
-                            functools.partial(_answer, sig.sockets[kind], kind, self.blocked))
+                            functools.partial(_answer, sig.sockets[kind], kind, sig.blocked))
         if sig.bmc and sig.bmc_server is None:
             server = make_server(sig.address, self.o.bmc_port, _OwnSystemOnly(sushy_main.app, sig.uuid),
                                  ssl_context=self._ssl)

@@ -351,7 +351,8 @@ class IncidentStore:
             raise ValueError(f"unknown proof {proof!r}")
         now = time.time() if now is None else now
         k = self.keys
-        fields = ["proof", proof, "proven_dead_at", now, "fence", f"detector:{proof}", "proof_detail", detail]
+        fields: list[str | float] = ["proof", proof, "proven_dead_at", now, "fence", f"detector:{proof}",
+                                     "proof_detail", detail]
         if fenced:
             fields += ["fenced_at", now]
         raw = self._proven_dead(

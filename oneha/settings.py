@@ -289,6 +289,9 @@ class DetectSettings(_Strict):
     decision_lease_s: float = Field(15.0, gt=0, description=(
         "One instance decides a suspect host at a time (a lease in Redis, renewed while it decides): a detector "
         "that dies mid-decision is replaced after this long."))
+    decision_retry_s: float = Field(30.0, gt=0, description=(
+        "A fence command that failed for a suspect host (BMC unreachable) is tried again after this long; meanwhile "
+        "the storage heartbeat alone may prove death."))
     heartbeat_dir: Path | None = Field(None, description=(
         "The hosts' storage heartbeats, `<heartbeat_dir>/<host NAME>` (the agents write them on shared storage). "
         "None: only the BMC can prove death."))
@@ -310,6 +313,8 @@ class DetectSettings(_Strict):
     def _timeout_in_interval(self) -> DetectSettings:
         if self.probe_timeout_s >= self.probe_interval_s:
             raise ValueError("probe_timeout_s must be shorter than probe_interval_s")
+        if self.heartbeat_fresh_s >= self.heartbeat_stale_s:
+            raise ValueError("heartbeat_fresh_s must be shorter than heartbeat_stale_s")
         return self
 
 
