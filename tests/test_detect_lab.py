@@ -316,3 +316,69 @@ def test_two_detectors_disagreeing_is_no_suspicion(world: World, fleet: Fleet, r
     assert a.misses.counts[DISAGREE] >= 10 and b.misses.counts[DISAGREE] == 0 and not a.storm
     assert state(world, DISAGREE)["state"] == "ok" and host_incidents(world, DISAGREE) == []
     assert_safe(world, set())
+
+
+# --- a detector killed mid-decision (real processes, SIGKILL) ------------------------------------------------------
+
+def _toml(settings: Settings, path: Path) -> Path:
+    d = settings.detect
+    fencing = ", ".join(json.dumps(a) for a in settings.policy.default.fencing or [])
+    lines = [
+        "[oned]", f'endpoint = "{settings.oned.endpoint}"',
+        "[redis]", f'url = "{settings.redis.url}"',
+        "[policy.default]", f"fencing = [{fencing}]", "fence_timeout_s = 8.0", "fence_attempts = 1",
+        "[detect]", f"probe_interval_s = {d.probe_interval_s}", f"probe_timeout_s = {d.probe_timeout_s}",
+        f"misses_to_suspect = {d.misses_to_suspect}", f"quorum = {d.quorum}", f"alive_ttl_s = {d.alive_ttl_s}",
+        f"hosts_refresh_s = {d.hosts_refresh_s}", f"decision_lease_s = {d.decision_lease_s}",
+        f'heartbeat_dir = "{d.heartbeat_dir}"', f"heartbeat_stale_s = {d.heartbeat_stale_s}",
+        f"heartbeat_margin_s = {d.heartbeat_margin_s}", f"heartbeat_fresh_s = {d.heartbeat_fresh_s}",
+        "beacon_port = 0", "metrics_port = 0",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _detector_process(config: Path, name: str, lab: LabCloud) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ONEHA_ONED__SESSION": lab.session, "ONEHA_DETECT__INSTANCE": name,
+           "ONEHA_DETECT__PROBE_SOURCE_ADDRESS": SOURCES[name]}
+    env.pop("ONEHA_CONFIG", None)
+    return subprocess.Popen([sys.executable, "-c", "from oneha.cli import main; main()", "detect", "--config",
+                             str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_a_detector_killed_mid_decision_is_replaced_and_the_host_gets_one_incident(
+        world: World, redis_url: str, tmp_path: Path) -> None:
+    # The fence command waits 1 s before fence_redfish.sh: the decider is surely mid-decision when it is killed.
+    slow_fence = ["bash", "-c", 'sleep 1 && exec bash "$0"', str(FENCE_REDFISH)]
+    settings = detect_settings(world.lab, redis_url)
+    settings = settings.model_copy(update={"policy": Policy(default=ClusterPolicy(fencing=slow_fence))})
+    config = _toml(settings, tmp_path / "oneha.toml")
+    procs = {name: _detector_process(config, name, world.lab) for name in SOURCES}
+    holder = ""
+    try:
+        r = world.store.r
+        wait_until(lambda: all(r.exists(world.store.keys.detect_view(n)) for n in procs), 20, what="3 detectors up")
+        world.side.fail(KILLED, "kernel_hang")
+        lease = world.store.keys.detect_decision(KILLED)
+        wait_until(lambda: r.get(lease) is not None, 10, interval_s=0.01, what="a detector deciding")
+        holder = str(r.get(lease)).split(":")[0]
+        procs[holder].send_signal(signal.SIGKILL)
+        procs[holder].wait(5)
+        wait_until(lambda: state(world, KILLED)["state"] == "dead", 15, what="another detector finished")
+        incidents = host_incidents(world, KILLED)
+        assert len(incidents) == 1 and incidents[0].extra["proof"] == "bmc"
+        assert incidents[0].source != f"detector:{holder}" and state(world, KILLED)["by"] != holder
+        assert world.side.hosts[KILLED].bmc_power == "Off"
+        assert_safe(world, {KILLED})
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in procs.items():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail(f"detector {name} ignored SIGTERM")
+            if name != holder:
+                assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
