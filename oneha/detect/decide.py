@@ -52,9 +52,12 @@ class Decider:
             return "unproven", "no heartbeat directory configured"
         now = time.monotonic()
         ev = Evidence(now, self.watch.changed_at(target.name), self.watch.deadline_s(target.name),
-                      self.misses.last_answer.get(target.id),
-                      self.watch.healthy(target.name, now, self.settings.detect.heartbeat_fresh_s))
+                      self.misses.last_answer.get(target.id), self._view_healthy(target))
         return verdict(ev, self.rule)
+
+    def _view_healthy(self, target: Target) -> bool:
+        assert self.watch is not None
+        return self.watch.healthy(target.name, time.monotonic(), self.settings.detect.heartbeat_fresh_s)
 
     async def decide(self, target: Target) -> str:
         """Take the host's lease and decide; the outcome: dead | isolated | unproven | cleared | busy."""
@@ -62,7 +65,11 @@ class Decider:
                               self.settings.detect.decision_lease_s)
         if not await asyncio.to_thread(lease.acquire):
             return "busy"
-        renewal = asyncio.create_task(self._renew(lease))
+        policy = self.settings.policy.for_cluster(target.host.cluster_id)
+        # Renewed for as long as a decision can take (the fence command's attempts and their backoff), no longer:
+        # a decision stuck on a hung call must not keep the host from every other instance for ever.
+        longest = policy.fence_timeout_s * policy.fence_attempts + 5.0 * policy.fence_attempts
+        renewal = asyncio.create_task(self._renew(lease, time.monotonic() + longest))
         try:
             outcome = await self._decide(target)
         finally:
@@ -72,8 +79,8 @@ class Decider:
         metrics.DECISIONS.labels(outcome).inc()
         return outcome
 
-    async def _renew(self, lease: DecisionLease) -> None:
-        while True:
+    async def _renew(self, lease: DecisionLease, until: float) -> None:
+        while time.monotonic() < until:
             await asyncio.sleep(self.settings.detect.decision_lease_s / 3)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lease.renew)
@@ -85,6 +92,12 @@ class Decider:
             return await self._beating(target, why)
         if not self.is_suspect(hid):
             return "cleared"
+        if self.watch is not None and self.watch.has_agent(target.name) and not self._view_healthy(target):
+            # Its agent writes a heartbeat this detector cannot read now: "not beating" would mean nothing. Never
+            # fence on that; another instance (with a healthy view) may decide.
+            detail = f"unproven: this detector cannot read the heartbeat directory; {WAITS_FOR_ONED}"
+            await asyncio.to_thread(self.states.set, hid, SUSPECT, detail)
+            return "unproven"
         fence = await self._fence(target)
         if fence is not None and fence.result == "fenced":
             return await self._dead(target, "bmc", f"fence command: BMC read back Off ({fence.summary()})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,13 @@ class HeartbeatWatch:
         self.probe_file = directory / f".detector-{instance}.probe"
         self.seen: dict[str, Seen] = {}
         self.readable = False
+        self.round_trip_ok = False
+        self.polled_at: float | None = None  # monotonic end of the last complete poll (a hung mount stops it)
 
-    def poll(self, names: Iterable[str], now: float) -> None:
-        """Read every host's heartbeat once (bounded reads; an unreadable or malformed file is simply not a change)."""
+    def poll(self, names: Iterable[str], now: float, fresh_s: float) -> None:
+        """Read every host's heartbeat once (bounded reads; an unreadable or malformed file is simply not a change).
+        When no heartbeat at all is fresh, the detector's own probe file tells a quiet cloud from a broken mount.
+        Runs in a thread of its own: a hung read stops only this, and `healthy` then says so."""
         self.readable = self.dir.is_dir() and os.access(self.dir, os.R_OK)
         for name in names:
             hb = read(self.dir / name)
@@ -43,6 +48,9 @@ class HeartbeatWatch:
                 self.seen[name] = Seen(stamp, hb.deadline_s)
             elif old.stamp != stamp:
                 old.stamp, old.deadline_s, old.changed_at = stamp, hb.deadline_s, now
+        fresh = any(s.changed_at is not None and now - s.changed_at <= fresh_s for s in self.seen.values())
+        self.round_trip_ok = fresh or self.round_trip()
+        self.polled_at = time.monotonic()
 
     def changed_at(self, name: str) -> float | None:
         seen = self.seen.get(name)
@@ -52,14 +60,19 @@ class HeartbeatWatch:
         seen = self.seen.get(name)
         return seen.deadline_s if seen is not None else None
 
+    def has_agent(self, name: str) -> bool:
+        """This detector has seen the host's heartbeat change at least once: an agent writes it."""
+        return self.changed_at(name) is not None
+
     def healthy(self, but: str, now: float, fresh_s: float) -> bool:
-        """This detector's view of the directory can be trusted: it reads it, and another host's heartbeat is fresh
-        or its own probe file round-trips (a detector whose storage mount hangs must not call every host dead)."""
-        if not self.readable:
+        """This detector's view of the directory can be trusted: its last poll is recent and could read, and
+        another host's heartbeat is fresh or its own probe file round-tripped (a detector whose storage mount hangs
+        must neither call a host dead nor take a silent heartbeat for a stopped one). No I/O here."""
+        if not self.readable or self.polled_at is None or now - self.polled_at > fresh_s:
             return False
         if any(n != but and s.changed_at is not None and now - s.changed_at <= fresh_s for n, s in self.seen.items()):
             return True
-        return self.round_trip()
+        return self.round_trip_ok
 
     def round_trip(self) -> bool:
         token = secrets.token_hex(8).encode()

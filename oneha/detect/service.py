@@ -64,6 +64,7 @@ class Detector:
             self.beacon_port = int(beacon.sockets[0].getsockname()[1])
         await self.refresh()
         refresher = asyncio.create_task(self._refresh_loop(stop))
+        reader = asyncio.create_task(self._heartbeat_loop(stop)) if self.watch is not None else None
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -72,6 +73,8 @@ class Detector:
                     await asyncio.wait_for(stop.wait(), max(0.0, started + self.d.probe_interval_s - time.monotonic()))
         finally:
             refresher.cancel()
+            if reader is not None:
+                reader.cancel()
             for task in list(self.deciding.values()):
                 task.cancel()
             if beacon is not None:
@@ -88,12 +91,11 @@ class Detector:
         metrics.ROUND.observe(now - started)
         self.misses.update(results, now)
         self.rounds += 1
-        if self.watch is not None:
-            await asyncio.to_thread(self.watch.poll, [t.name for t in targets.values()], now)
         self._storm_guard(len(targets))
         try:
             await asyncio.to_thread(self._share, targets)
         except redis.RedisError as exc:  # no shared view: no suspicion, no decision (fail safe), next round again
+            self.suspects = set()
             metrics.ERRORS.labels("redis").inc()
             log.warning("detector: Redis unavailable", extra={"kv": {"error": str(exc)}})
             return
@@ -154,6 +156,21 @@ class Detector:
             log.exception("decision failed", extra={"kv": {"host": target.id, "error": str(exc)}})
             return
         log.debug("decision", extra={"kv": {"host": target.id, "outcome": outcome}})
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """The heartbeats are read beside the probe rounds, never in them: a hung storage mount must not stop the
+        probes (the watch then reports an unhealthy view, and no heartbeat decides anything)."""
+        assert self.watch is not None
+        while not stop.is_set():
+            started = time.monotonic()
+            names = [t.name for t in self.targets.values()]
+            try:
+                await asyncio.to_thread(self.watch.poll, names, started, self.d.heartbeat_fresh_s)
+            except Exception as exc:
+                metrics.ERRORS.labels("heartbeat_dir").inc()
+                log.warning("detector: cannot read the heartbeats", extra={"kv": {"error": str(exc)}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, started + self.d.probe_interval_s - time.monotonic()))
 
     # Hosts from oned -----------------------------------------------------------------------------------------------
     async def _refresh_loop(self, stop: asyncio.Event) -> None:
