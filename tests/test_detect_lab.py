@@ -382,3 +382,23 @@ def test_a_detector_killed_mid_decision_is_replaced_and_the_host_gets_one_incide
                 pytest.fail(f"detector {name} ignored SIGTERM")
             if name != holder:
                 assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+
+
+def test_a_detector_that_cannot_read_the_heartbeats_never_fences_a_host_with_an_agent(
+        world: World, fleet: Fleet, redis_url: str, tmp_path: Path) -> None:
+    """The detectors' view of the shared storage breaks (their mount is gone) while a host is cut off from the
+    management network but still runs and beats: "no heartbeat seen" must not be read as "stopped"."""
+    assert world.side is not None
+    view = tmp_path / "heartbeats"
+    view.symlink_to(world.side.heartbeat_dir)
+    settings = detect_settings(world.lab, redis_url, heartbeat_dir=view)
+    fleet.start(settings, "a"), fleet.start(settings, "b")
+    settle(fleet, 10)  # every agent seen beating
+    view.unlink()
+    world.side.fail(PARTITION, "mgmt_partition")
+    wait_until(lambda: "cannot read the heartbeat" in state(world, PARTITION).get("detail", ""), 10,
+               what="unproven: cannot read")
+    settle(fleet, 10)
+    assert state(world, PARTITION)["state"] == "suspect" and host_incidents(world, PARTITION) == []
+    assert world.side.hosts[PARTITION].bmc_power == "On"
+    assert_safe(world, set())
