@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import signal
 import sys
 from pathlib import Path
@@ -25,11 +26,11 @@ def detect(config: Path | None) -> None:
     import redis
 
     from oneha import redisconn
+    from oneha.detect.metrics import serve
     from oneha.detect.probe import raise_open_files_limit
     from oneha.detect.service import Detector
     from oneha.opennebula import OnedClient, make_server
     from oneha.subscriber.logs import configure
-    from oneha.subscriber.metrics import serve
 
     configure()
     client = redisconn.client(settings.redis)
@@ -51,6 +52,9 @@ def detect(config: Path | None) -> None:
 async def _run(detector: Detector) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Fence commands (one per host being decided, for up to their timeout), heartbeat reads and Redis calls run in
+    # threads: the default pool (CPUs + 4) could make four hosts failing at once wait for each other's BMC.
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="detect"))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await detector.run(stop)
