@@ -232,6 +232,10 @@ class HostSide:
                 host.template["FENCE_REDFISH_SYSTEM"] = f"/redfish/v1/Systems/{uuid}"
                 self.cloud._touch_host(host)
         app = sushy_main.app
+        if isinstance(app.wsgi_app, sushy_main.RedfishAuthMiddleware):
+            # configure() wraps the app in its auth middleware only once, with the first auth file: a later host
+            # side in the same process (another test module) would check passwords against a deleted file.
+            app.wsgi_app = app.wsgi_app.app
         app.configure(extra_config={"SUSHY_EMULATOR_FAKE_DRIVER": True, "SUSHY_EMULATOR_FAKE_SYSTEMS": systems,
                                     "SUSHY_EMULATOR_STATE_DIR": str(self.cacert.parent / "state"),
                                     "SUSHY_EMULATOR_AUTH_FILE": str(htpasswd)})
