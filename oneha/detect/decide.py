@@ -108,7 +108,8 @@ class Decider:
         if found == "dead" and self.is_suspect(hid):
             return await self._dead(target, "heartbeat", f"{why}; BMC: {bmc}")
         detail = f"unproven: BMC: {bmc}; heartbeat: {why}; {WAITS_FOR_ONED}"
-        log.warning("suspect host not proven dead", extra={"kv": {"host": hid, "detail": detail}})
+        if not str(self.states.current.get(hid, {}).get("detail", "")).startswith("unproven"):  # once, not per round
+            log.warning("suspect host not proven dead", extra={"kv": {"host": hid, "detail": detail}})
         await asyncio.to_thread(self.states.set, hid, SUSPECT, detail)
         return "unproven"
 
