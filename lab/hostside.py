@@ -9,8 +9,11 @@ host never touches another):
   (sushy-tools' own fake driver draws 1-11 s), and powering off fences the lab host (its domains stop).
   Each BMC address serves only its own system. The host template gets FENCE_IP and FENCE_REDFISH_SYSTEM, and
   `cred_dir/default.cred` holds what `deploy/fence/fence_redfish.sh` needs (user, password, cacert).
-- a heartbeat file `heartbeat_dir/host<h>` that the host's agent rewrites every `heartbeat_s` while the host runs and
-  still sees its storage (the directory plays the shared system datastore).
+- a heartbeat file `heartbeat_dir/<host NAME>` (oneha/timing_rule.py's `Heartbeat`, publishing `deadline_s`) that the
+  host's agent rewrites every `heartbeat_s` while the host runs and still sees its storage (the directory plays the
+  shared system datastore).
+- `block_source(addr)`: sshd and libvirtd reset connections from one source address (a detector cut off from every
+  host by its own network).
 
 Failure modes, each consistent on every signal (`fail(h, mode)`; `restore(h)` undoes it):
 
@@ -38,10 +41,10 @@ import selectors
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,7 @@ from sushy_tools.emulator.resources.systems.fakedriver import FakeDriver
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from oneha.lab.cloud import Cloud
+from oneha.timing_rule import Heartbeat
 
 MODES = ("psu", "power_loss", "kernel_hang", "mgmt_partition", "storage_partition", "flapping")
 SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 oneha-lab\r\n"
@@ -75,6 +79,7 @@ class HostSideOptions:
     bmc_user: str = "admin"
     workdir: Path | None = None  # heartbeat/, cred/, bmc/ (a temporary directory if None)
     seed: int = 0
+    deadline_s: float = 21.0  # the self-fence deadline each host's heartbeat publishes (timing_rule.Heartbeat)
 
 
 @dataclass
@@ -91,6 +96,9 @@ class Signals:
     pending_power: tuple[float, str] | None = None
     next_beat: float = 0.0
     next_flap: float | None = None
+    seq: int = 0  # heartbeat sequence; boot changes when the host is powered on again
+    blocked: set[str] = field(default_factory=set)  # source addresses whose connections are reset (block_source)
+    boot: str = field(default_factory=lambda: secrets.token_hex(8))
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     bmc_server: BaseWSGIServer | None = None
 
@@ -220,9 +228,14 @@ class HostSide:
                 self.hosts[h] = Signals(address(h), uuid)
                 self.by_uuid[uuid] = h
                 host.template["FENCE_IP"] = address(h)
+                host.template["ONEHA_MGMT_ADDRESS"] = address(h)  # what detectors probe (contract point 1)
                 host.template["FENCE_REDFISH_SYSTEM"] = f"/redfish/v1/Systems/{uuid}"
                 self.cloud._touch_host(host)
         app = sushy_main.app
+        if isinstance(app.wsgi_app, sushy_main.RedfishAuthMiddleware):
+            # configure() wraps the app in its auth middleware only once, with the first auth file: a later host
+            # side in the same process (another test module) would check passwords against a deleted file.
+            app.wsgi_app = app.wsgi_app.app
         app.configure(extra_config={"SUSHY_EMULATOR_FAKE_DRIVER": True, "SUSHY_EMULATOR_FAKE_SYSTEMS": systems,
                                     "SUSHY_EMULATOR_STATE_DIR": str(self.cacert.parent / "state"),
                                     "SUSHY_EMULATOR_AUTH_FILE": str(htpasswd)})
@@ -262,6 +275,13 @@ class HostSide:
             sig.mode, sig.net, sig.bmc, sig.bmc_power, sig.beating = "ok", "up", True, "On", True
             sig.next_flap = sig.pending_power = None
 
+    def block_source(self, addr: str, blocked: bool = True, hids: Iterable[int] | None = None) -> None:
+        """Cut one prober off every host (or `hids`): sshd and libvirtd reset connections from `addr` (a detector
+        instance whose own network failed) while every other source still gets answers."""
+        with self.lock:
+            for hid in self.hosts if hids is None else hids:
+                (self.hosts[hid].blocked.add if blocked else self.hosts[hid].blocked.discard)(addr)
+
     # BMC power (called by LabSystems from the BMC request, in the hostside thread) ------------------------------
     def bmc_power(self, uuid: str) -> str:
         with self.lock:
@@ -289,6 +309,7 @@ class HostSide:
         else:
             self.cloud.host_revive(hid)
             sig.mode, sig.net, sig.bmc_power, sig.beating, sig.next_flap = "ok", "up", "On", True, None
+            sig.boot = secrets.token_hex(8)
 
     def _power_off(self, hid: int) -> None:
         sig = self.hosts[hid]
@@ -318,7 +339,19 @@ class HostSide:
                 sig.net = "up"
         if sig.beating and now >= sig.next_beat:
             sig.next_beat = now + self.o.heartbeat_s
-            (self.heartbeat_dir / f"host{hid}").write_text(f"{time.time():.3f}\n")
+            self._beat(hid, sig)
+
+    def _beat(self, hid: int, sig: Signals) -> None:
+        """The agent's write: `<heartbeat_dir>/<host NAME>` in timing_rule's format, replaced atomically."""
+        sig.seq += 1
+        name = self.cloud.hosts[hid].name
+        path = self.heartbeat_dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_bytes(Heartbeat(name, sig.seq, sig.boot, self.o.deadline_s).encode())
+        tmp.replace(path)
+
+    def heartbeat_path(self, hid: int) -> Path:
+        return self.heartbeat_dir / self.cloud.hosts[hid].name
 
     def _sync(self, hid: int, sig: Signals) -> None:
         """Open, close or mute the host's sockets to match its signals."""
@@ -328,7 +361,8 @@ class HostSide:
             for kind, port in (("ssh", self.o.ssh_port), ("libvirt", self.o.libvirt_port)):
                 if kind not in sig.sockets:
                     sig.sockets[kind] = self._listen(sig.address, port)
-                self._watch(sig.sockets[kind], sig.net == "up", functools.partial(_answer, sig.sockets[kind], kind))
+                self._watch(sig.sockets[kind], sig.net == "up",
+                            functools.partial(_answer, sig.sockets[kind], kind, sig.blocked))
         if sig.bmc and sig.bmc_server is None:
             server = make_server(sig.address, self.o.bmc_port, _OwnSystemOnly(sushy_main.app, sig.uuid),
                                  ssl_context=self._ssl)
@@ -369,14 +403,17 @@ class HostSide:
         sock.close()
 
 
-def _answer(listener: socket.socket, kind: str) -> None:
+def _answer(listener: socket.socket, kind: str, blocked: set[str]) -> None:
     try:
-        conn, _ = listener.accept()
+        conn, peer = listener.accept()
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             return
         raise
     with conn:
+        if peer[0] in blocked:  # reset, not an orderly close: a blocked prober must see no answer at all
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
         if kind == "ssh":
             with contextlib.suppress(OSError):
                 conn.sendall(SSH_BANNER)

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "reconcile": "oneha.subscriber.cli:reconcile",
     "bridge": "oneha.subscriber.bridge:bridge",
     "worker": "oneha.workers.cli:worker",
+    "detect": "oneha.detect.cli:detect",
     "incidents": "oneha.incidents_cli:incidents",
     "config": "oneha.config_cli:config",
     "deploy": "oneha.deploy_cli:deploy",

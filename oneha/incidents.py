@@ -203,6 +203,21 @@ local id, opened, reason = report(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], A
 return {id, opened, reason}
 """
 
+# A detector proved a host dead (contract point 4): open the host incident, or join the open one, exactly as _REPORT
+# (a handled failure stays handled), and on an open incident set the proof fields and make it due now, in one step.
+# KEYS: open key, handled hash, seq, due zset, index zset. ARGV: incident key template, resource id, cluster id, now,
+# source, then field, value pairs (proof, proven_dead_at, fenced_at, fence, proof_detail). Returns {id, opened, reason}.
+_PROVEN_DEAD = _REPORT_FN + """
+local id, opened, reason = report(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], 'host', ARGV[2], ARGV[3],
+                                  ARGV[4], ARGV[4], ARGV[5], '', '')
+if reason ~= 'handled' then
+  local key = key_of(ARGV[1], id)
+  redis.call('HSET', key, 'due_at', ARGV[4], 'updated_at', ARGV[4], unpack(ARGV, 6))
+  redis.call('ZADD', KEYS[4], ARGV[4], id)
+end
+return {id, opened, reason}
+"""
+
 # Many reports in one call, each exactly as _REPORT, in order; the audit entry of every incident opened is written
 # here too (ARGV[4]: the template of Keys.incident_log). One command instead of a pipeline of scripts plus a
 # pipeline of audit writes: redis-py spends far more time packing and parsing commands than Redis spends running them.
@@ -299,6 +314,7 @@ class IncidentStore:
         self.log_entries = log_entries
         self._report = client.register_script(_REPORT)
         self._report_many = client.register_script(_REPORT_MANY)
+        self._proven_dead = client.register_script(_PROVEN_DEAD)
         self._cancel = client.register_script(_CANCEL_WAITING)
         self._claim = client.register_script(_CLAIM_DUE)
         self._close = client.register_script(_CLOSE)
@@ -325,6 +341,31 @@ class IncidentStore:
         if opened:
             self.audit(incident_id, "opened", source=source, grace_s=grace_s)
         return Report(incident_id, opened, reason)
+
+    def report_proven_dead(self, host_id: int, cluster_id: int, source: str, proof: str, fenced: bool,
+                           detail: str = "", now: float | None = None) -> Report:
+        """A detector proved host `host_id` dead (proof "bmc" or "heartbeat"): open its host incident, or join the
+        open one (oned's ERROR event, arriving later, joins it too), set `proof`, `proven_dead_at`, `fenced_at`
+        (when `fenced`: power read back Off, or self-fenced by its watchdog by then) and `fence`, and make it due
+        now; one Lua script. Safe to repeat. A failure already handled (closed, host not seen healthy since) stays
+        handled: reason "handled", nothing written."""
+        if proof not in ("bmc", "heartbeat"):
+            raise ValueError(f"unknown proof {proof!r}")
+        now = time.time() if now is None else now
+        k = self.keys
+        fields: list[str | float] = ["proof", proof, "proven_dead_at", now, "fence", f"detector:{proof}",
+                                     "proof_detail", detail]
+        if fenced:
+            fields += ["fenced_at", now]
+        raw = self._proven_dead(
+            keys=[k.open_incident("host", host_id), k.handled("host"), k.incident_seq, k.due, k.incident_index],
+            args=[k.incident(ID), host_id, cluster_id, now, source, *fields])
+        report = Report(int(raw[0]), bool(int(raw[1])), str(raw[2]))
+        if report.opened:
+            self.audit(report.incident_id, "opened", source=source, grace_s=0)
+        if report.reason != "handled":
+            self.audit(report.incident_id, "proven_dead", source=source, proof=proof, detail=detail)
+        return report
 
     def _owner_key(self, owner_host: int | None) -> str:
         return self.keys.open_incident("host", owner_host) if owner_host is not None else ""

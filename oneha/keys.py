@@ -110,3 +110,23 @@ class Keys:
     def heartbeat(self) -> str:
         """Hash: component name -> last time it was alive."""
         return f"{self.prefix}:heartbeat"
+
+    # Detection (oneha detect) ------------------------------------------------------------------------------------
+    @property
+    def detect_instances(self) -> str:
+        """Set: names of the detector instances that have published a view (pruned when their view expires)."""
+        return f"{self.prefix}:detect:instances"
+
+    def detect_view(self, instance: str) -> str:
+        """Hash, short TTL: one detector's view, host id -> consecutive missed probes (votes only at or above the
+        threshold count). Its existence is the instance's "I am alive"."""
+        return f"{self.prefix}:detect:view:{instance}"
+
+    def detect_decision(self, host_id: int) -> str:
+        """String, lease: the detector instance deciding (proving) a suspect host right now."""
+        return f"{self.prefix}:detect:decision:host:{host_id}"
+
+    @property
+    def detect_states(self) -> str:
+        """Hash: host id -> JSON {state: ok|suspect|dead|isolated, since, proof, by, detail} (the live view)."""
+        return f"{self.prefix}:detect:states"

@@ -267,6 +267,67 @@ class WorkerSettings(_Strict):
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
 
 
+class DetectSettings(_Strict):
+    """`oneha detect`: probes every host's management ports, agrees on suspects through Redis, proves death."""
+
+    instance: str | None = Field(None, description=(
+        "This detector's name in Redis and in incidents (`detector:<instance>`). Default: the machine's hostname. "
+        "Every instance must have its own."))
+    ports: list[int] = Field(default_factory=lambda: [22, 16509], min_length=1, description=(
+        "Management ports probed on every host (ONEHA_MGMT_ADDRESS of the host template, else its NAME). A host "
+        "answers when every port accepts a connection; port 22 must also send its \"SSH-\" banner within "
+        "probe_timeout_s (a hung kernel accepts TCP connections but sends nothing)."))
+    probe_interval_s: float = Field(1.0, gt=0, description="One probe round of every host, this often.")
+    probe_timeout_s: float = Field(0.8, gt=0, description=(
+        "A port that has not answered (connected, banner read) within this long is a miss. Below probe_interval_s."))
+    probe_concurrency: int = Field(2000, ge=1, description=(
+        "Connections in flight at once (one event loop; mind the process's open-file limit)."))
+    probe_source_address: str | None = Field(None, description=(
+        "Source address the probes bind to (a multi-homed front-end probes from its management network address)."))
+    hosts_refresh_s: float = Field(5.0, gt=0, description="How often the host list is read from oned.")
+    misses_to_suspect: int = Field(3, ge=1, description=(
+        "Consecutive missed probe rounds after which this instance votes a host suspect."))
+    quorum: int = Field(2, ge=1, description=(
+        "Alive detector instances that must each have missed a host misses_to_suspect times in a row before it "
+        "is suspect. Run at least this many instances, on different machines."))
+    alive_ttl_s: float = Field(3.0, gt=0, description=(
+        "An instance's published view (and so its vote) expires this long after its last round."))
+    storm_max_share: float = Field(0.3, gt=0, le=1, description=(
+        "An instance that misses more than this share of all hosts at once (and at least storm_min_hosts) "
+        "suspects itself: it withdraws its votes and alerts (its own network is the likelier fault)."))
+    storm_min_hosts: int = Field(2, ge=1, description="...the storm guard needs at least this many hosts missed.")
+    decision_lease_s: float = Field(15.0, gt=0, description=(
+        "One instance decides a suspect host at a time (a lease in Redis, renewed while it decides): a detector "
+        "that dies mid-decision is replaced after this long."))
+    decision_retry_s: float = Field(30.0, gt=0, description=(
+        "A fence command that failed for a suspect host (BMC unreachable) is tried again after this long; meanwhile "
+        "the storage heartbeat alone may prove death."))
+    heartbeat_dir: Path | None = Field(None, description=(
+        "The hosts' storage heartbeats, `<heartbeat_dir>/<host NAME>` (the agents write them on shared storage). "
+        "None: only the BMC can prove death."))
+    heartbeat_stale_s: float = Field(25.0, gt=0, description=(
+        "A heartbeat unchanged this long (on this detector's own clock) proves death only if the host's published "
+        "self-fence deadline plus heartbeat_margin_s fits in it (oneha/timing_rule.py); published in "
+        "`<heartbeat_dir>/detector.json` for the agents' start-up check."))
+    heartbeat_margin_s: float = Field(4.0, ge=0, description=(
+        "Safety margin added to a host's self-fence deadline (clock rates, the reset itself)."))
+    heartbeat_fresh_s: float = Field(5.0, gt=0, description=(
+        "A heartbeat that changed within this long is beating: its host is alive, so it is never fenced (isolated)."))
+    beacon_port: int | None = Field(9650, description=(
+        "TCP port the agents connect to once per beat (\"a detector sees me\"); none to disable."))
+    beacon_bind: str = Field("0.0.0.0", description="Address the beacon listens on (the agents' network).")  # noqa: S104
+    metrics_port: int | None = Field(9643, description="Prometheus metrics port; none to disable.")
+    metrics_bind: str = Field("127.0.0.1", description="Address the metrics port listens on.")
+
+    @model_validator(mode="after")
+    def _timeout_in_interval(self) -> DetectSettings:
+        if self.probe_timeout_s >= self.probe_interval_s:
+            raise ValueError("probe_timeout_s must be shorter than probe_interval_s")
+        if self.heartbeat_fresh_s >= self.heartbeat_stale_s:
+            raise ValueError("heartbeat_fresh_s must be shorter than heartbeat_stale_s")
+        return self
+
+
 class AuditSettings(_Strict):
     retention_s: int = Field(14 * 86400, ge=60, description="How long closed incidents are kept.")
     max_incidents: int = Field(10_000, ge=10, description="Closed incidents kept at most.")
@@ -283,6 +344,7 @@ class Settings(BaseSettings):
     subscriber: SubscriberSettings = SubscriberSettings()
     worker: WorkerSettings = WorkerSettings()
     audit: AuditSettings = AuditSettings()
+    detect: DetectSettings = DetectSettings()
 
     @property
     def broker_url(self) -> str:

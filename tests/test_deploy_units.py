@@ -22,7 +22,7 @@ ONEHA = "/opt/oneha/venv/bin/oneha"
 BRIDGE = "/opt/oneha/bin/oneha-bridge"
 
 SERVICES = {"oneha-subscriber.service": "subscribe", "oneha-reconciler.service": "reconcile",
-            "oneha-worker@.service": "worker"}
+            "oneha-worker@.service": "worker", "oneha-detect.service": "detect"}
 
 # Failure LCM states of REFERENCE §3 (include/VirtualMachine.h)
 FAILURE_STATES = ["BOOT_FAILURE", "BOOT_MIGRATE_FAILURE", "PROLOG_MIGRATE_FAILURE", "PROLOG_FAILURE", "EPILOG_FAILURE",

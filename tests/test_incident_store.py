@@ -127,3 +127,34 @@ def test_open_incident_ids_and_open_counts(redis_url: str) -> None:
     assert closed is not None and s.close(closed, Status.NO_ACTION, handled=False)
     assert s.open_incident_ids("host", [1, 2, 3]) == [a, None, None] and s.open_incident_ids("host", []) == []
     assert s.open_counts() == {("host", "waiting"): 1, ("vm_crash", "held"): 1}
+
+
+def test_report_proven_dead_opens_or_joins_one_incident_due_now(redis_url: str) -> None:
+    """Contract point 4: a detector's proof opens the host incident (due now) or joins the open one; oned's ERROR
+    event arriving later joins it too; a repeat changes nothing but the fields; a handled failure stays handled."""
+    s = store(redis_url)
+    first = s.report_proven_dead(5, 1, "detector:a", "bmc", fenced=True, detail="BMC read Off", now=1000.0)
+    assert first.opened
+    inc = s.get(first.incident_id)
+    assert inc is not None and inc.status is Status.WAITING and inc.source == "detector:a" and inc.cluster_id == 1
+    assert inc.extra["proof"] == "bmc" and inc.extra["fence"] == "detector:bmc"
+    assert float(inc.extra["fenced_at"]) == float(inc.extra["proven_dead_at"]) == 1000.0 == inc.due_at
+    assert s.r.zscore(s.keys.due, str(first.incident_id)) == 1000.0
+    # oned's ERROR event, minutes later, joins it; so does a second detector's proof
+    assert s.report(Kind.HOST, 5, 1, grace_s=60, source="zmq").incident_id == first.incident_id
+    again = s.report_proven_dead(5, 1, "detector:b", "heartbeat", fenced=True, now=1001.0)
+    assert (again.incident_id, again.opened, again.reason) == (first.incident_id, False, "open")
+    assert s.get(first.incident_id).extra["proof"] == "heartbeat"  # type: ignore[union-attr]
+    assert [e["event"] for e in s.log(first.incident_id)] == ["opened", "proven_dead", "proven_dead"]
+    # an ERROR event first (grace running), then the proof: joined and due now instead of after the grace
+    joined = s.report(Kind.HOST, 6, 0, grace_s=60, source="zmq", now=2000.0).incident_id
+    assert s.report_proven_dead(6, 0, "detector:a", "bmc", fenced=True, now=2001.0).incident_id == joined
+    assert s.r.zscore(s.keys.due, str(joined)) == 2001.0
+    # closed and handled: a late proof opens nothing and writes nothing
+    done = s.get(first.incident_id)
+    assert done is not None and s.close(done, Status.RECOVERED)
+    late = s.report_proven_dead(5, 1, "detector:a", "bmc", fenced=True)
+    assert (late.incident_id, late.opened, late.reason) == (first.incident_id, False, "handled")
+    assert s.get(first.incident_id).status is Status.RECOVERED  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="proof"):
+        s.report_proven_dead(5, 1, "detector:a", "guess", fenced=False)

@@ -18,6 +18,7 @@ import requests
 from oneha.lab.cli import LabCallError, lab_call
 from oneha.lab.cloud import Cloud
 from oneha.lab.sim import LabCloud
+from oneha.timing_rule import Heartbeat
 from oneha.waiting import wait_until
 
 hostside = pytest.importorskip("oneha.lab.hostside", reason="needs sushy-tools (the lab extra)")
@@ -90,10 +91,10 @@ def bmc(side: HostSide, hid: int) -> str:
 
 def beats(side: HostSide, hid: int) -> bool:
     """True when the heartbeat file is rewritten within a few periods."""
-    path = side.heartbeat_dir / f"host{hid}"
-    before = path.stat().st_mtime_ns
+    path = side.heartbeat_path(hid)
+    before = Heartbeat.decode(path.read_bytes())
     try:
-        wait_until(lambda: path.stat().st_mtime_ns != before, 4 * HEARTBEAT_S, what="heartbeat")
+        wait_until(lambda: Heartbeat.decode(path.read_bytes()) != before, 4 * HEARTBEAT_S, what="heartbeat")
     except TimeoutError:
         return False
     return True
@@ -222,3 +223,24 @@ def test_failure_modes_over_the_lab_rpc(lab_cloud: LabCloud) -> None:
 def test_lab_host_fail_needs_a_host_side() -> None:
     with LabCloud(hosts=1) as lab, pytest.raises(LabCallError, match="without a host side"):
         lab_call(lab.rpc_url, "lab.host.fail", 0, "psu")
+
+
+def test_a_blocked_source_gets_no_answer_from_any_host(lab: tuple[Cloud, HostSide]) -> None:
+    """block_source cuts one prober (a detector's own address) off every host; the others still get answers."""
+    _, side = lab
+    blocked = "127.0.0.77"
+
+    def banner(source: str) -> bytes:
+        try:  # the reset may come while connect() still runs (a busy machine) or at the first read
+            with socket.create_connection((address(BY_RPC), 22), timeout=1.0, source_address=(source, 0)) as conn:
+                conn.settimeout(1.0)
+                return conn.recv(64)
+        except ConnectionResetError:
+            return b""
+
+    side.block_source(blocked)
+    try:
+        assert banner(blocked) == b"" and banner("127.0.0.78").startswith(b"SSH-")
+    finally:
+        side.block_source(blocked, blocked=False)
+    assert banner(blocked).startswith(b"SSH-")

@@ -21,7 +21,7 @@ from tests.labkit import FAST, running_lab
 from tests.workerkit import write_config
 
 ONEHA = [sys.executable, "-m", "oneha"]
-SERVICES = (["subscribe"], ["reconcile"], ["worker", "--concurrency", "2"])
+SERVICES = (["subscribe"], ["reconcile"], ["worker", "--concurrency", "2"], ["detect"])
 
 
 def clean_env(**extra: str) -> dict[str, str]:
