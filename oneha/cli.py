@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "worker": "oneha.workers.cli:worker",
     "incidents": "oneha.incidents_cli:incidents",
     "config": "oneha.config_cli:config",
+    "agent": "oneha.agent.cli:agent",
     "deploy": "oneha.deploy_cli:deploy",
 }
 
