@@ -281,7 +281,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 class AgentSettings(_Strict):
     """`oneha agent`, on each hypervisor (docs/agent.md). The timing rule is oneha/timing_rule.py's."""
 
-    host_name: str = Field(default_factory=socket.gethostname, min_length=1, description=(
+    host_name: str | None = Field(None, min_length=1, description=(
         "This host's NAME in oned (the heartbeat file's name, which detectors look up). Default: the hostname."))
     heartbeat_dir: Path | None = Field(None, description=(
         "Directory on the shared storage (e.g. inside the system datastore's mount) where this host's heartbeat "
@@ -305,6 +305,16 @@ class AgentSettings(_Strict):
     isolation: Literal["fence", "storage-only"] = Field("fence", description=(
         "\"fence\": stop petting when cut off from the storage or from every detector; \"storage-only\": "
         "from the storage only (a management-network partition leaves the host running)."))
+
+    def name(self) -> str:
+        return self.host_name or socket.gethostname()
+
+    @field_validator("host_name")
+    @classmethod
+    def _file_name(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or value.startswith(".") or "\0" in value):
+            raise ValueError(f"{value!r} cannot be a file name in the heartbeat directory")
+        return value
 
     @field_validator("detectors")
     @classmethod

@@ -181,10 +181,10 @@ def build(settings: AgentSettings) -> Agent:
                     "only through its BMC")
         watchdog = NoWatchdog()
     endpoints = [parse_endpoint(text) for text in settings.detectors]
-    core = AgentCore(settings.host_name, boot_id(), timing, settings.isolation, settings.watchdog == "device",
+    core = AgentCore(settings.name(), boot_id(), timing, settings.isolation, settings.watchdog == "device",
                      first_seq=time.time_ns() // 1_000_000)  # a restarted agent never repeats a recent seq
     probe_s = timing.beat_interval_s * PROBE_SHARE
-    world = World(HeartbeatWriter(heartbeat_dir / settings.host_name), lambda: any_accepts(endpoints, probe_s),
+    world = World(HeartbeatWriter(heartbeat_dir / settings.name()), lambda: any_accepts(endpoints, probe_s),
                   watchdog)
     return Agent(core, world)
 
@@ -203,7 +203,7 @@ def serve(settings: AgentSettings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    log.info("agent for host %s: heartbeat %s every %g s, isolation %s, detectors %s", settings.host_name,
+    log.info("agent for host %s: heartbeat %s every %g s, isolation %s, detectors %s", settings.name(),
              agent.world.writer.path, settings.beat_interval_s, settings.isolation, ", ".join(settings.detectors))
     try:
         agent.run(stop)
