@@ -18,6 +18,7 @@ import requests
 from oneha.lab.cli import LabCallError, lab_call
 from oneha.lab.cloud import Cloud
 from oneha.lab.sim import LabCloud
+from oneha.timing_rule import Heartbeat
 from oneha.waiting import wait_until
 
 hostside = pytest.importorskip("oneha.lab.hostside", reason="needs sushy-tools (the lab extra)")
@@ -89,11 +90,13 @@ def bmc(side: HostSide, hid: int) -> str:
 
 
 def beats(side: HostSide, hid: int) -> bool:
-    """True when the heartbeat file is rewritten within a few periods."""
-    path = side.heartbeat_dir / f"host{hid}"
-    before = path.stat().st_mtime_ns
+    """True when the heartbeat file (`<heartbeat_dir>/<host NAME>`, oneha/timing_rule.py's format) gets a new seq
+    within a few periods."""
+    path = side.heartbeat_dir / side.names[hid]
+    before = Heartbeat.decode(path.read_bytes())
+    assert before.host == side.names[hid]
     try:
-        wait_until(lambda: path.stat().st_mtime_ns != before, 4 * HEARTBEAT_S, what="heartbeat")
+        wait_until(lambda: Heartbeat.decode(path.read_bytes()).seq != before.seq, 4 * HEARTBEAT_S, what="heartbeat")
     except TimeoutError:
         return False
     return True
