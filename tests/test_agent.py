@@ -362,7 +362,8 @@ def config(tmp_path: Path, beacon: tuple[str, int] | None, **extra: object) -> P
 
 def run_agent(cfg: Path, kit: bool = True) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "tests.agentkit"] if kit else [str(Path(sys.executable).parent / "oneha"), "agent"]
-    env = {**os.environ, "ONEHA_CONFIG": ""}
+    # neither oned nor Redis: credentials that cannot be read and a Redis nobody listens on change nothing
+    env = {**os.environ, "ONEHA_CONFIG": "", "ONE_AUTH": "/nonexistent/one_auth", "ONEHA_REDIS__URL": "redis://127.0.0.1:1/0"}
     return subprocess.Popen([*argv, "--config", str(cfg)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
 
 
