@@ -260,6 +260,10 @@ class HostSide:
         app.configure(extra_config={"SUSHY_EMULATOR_FAKE_DRIVER": True, "SUSHY_EMULATOR_FAKE_SYSTEMS": systems,
                                     "SUSHY_EMULATOR_STATE_DIR": str(self.cacert.parent / "state"),
                                     "SUSHY_EMULATOR_AUTH_FILE": str(htpasswd)})
+        # configure() wraps the app in its auth middleware only once per process, with the first auth file: a later
+        # HostSide (one at a time, as several test modules start them) points it at its own.
+        if isinstance(app.wsgi_app, sushy_main.RedfishAuthMiddleware):
+            app.wsgi_app.auth_file = str(htpasswd)
         driver = LabSystems.initialize(app.config, app.logger)()
         driver.side = self
         # Application.systems is memoized (sushy_tools.emulator.memoize): seed its cache with the lab's driver.
