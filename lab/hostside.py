@@ -9,9 +9,17 @@ host never touches another):
   (sushy-tools' own fake driver draws 1-11 s), and powering off fences the lab host (its domains stop).
   Each BMC address serves only its own system. The host template gets FENCE_IP and FENCE_REDFISH_SYSTEM, and
   `cred_dir/default.cred` holds what `deploy/fence/fence_redfish.sh` needs (user, password, cacert).
-- a heartbeat file `heartbeat_dir/<host NAME>` (oneha/timing_rule.py's `Heartbeat`, publishing `deadline_s`) that the
-  host's agent rewrites every `heartbeat_s` while the host runs and still sees its storage (the directory plays the
-  shared system datastore).
+- the host-side agent (issue 13): every host runs `oneha.agent.core.AgentCore`, the agent's own decisions, ticked by
+  the hostside thread on the lab's clock (no thread per host). Each beat (`heartbeat_s`) it writes the real heartbeat
+  format (oneha/timing_rule.py) to `heartbeat_dir/<host NAME>` while it sees its storage (the directory plays the
+  shared system datastore; the storage is seen unless the host is off or in storage_partition), and it sees a
+  detector when its management net is up and a real TCP connection from the host's address to one of
+  `options.detectors` (the detectors' beacon endpoints) succeeds. With no detectors, an agent in isolation "fence"
+  never arms (its heartbeats say "unarmed"), so no watchdog is modelled. Armed, its watchdog is modelled: not
+  petted for `watchdog_timeout_s`, the host resets (`cloud.host_fence`: its domains stop), is down for `reboot_s`
+  (sshd, libvirtd and agent silent, BMC On), and comes back with no domains and a new boot; a partition it was in
+  outlasts the reboot (the fresh agent then never arms: no reboot loop). kernel_hang is a hang the modelled watchdog
+  does not catch (softdog on a hard-locked kernel): only the BMC fences it.
 - `block_source(addr)`: sshd and libvirtd reset connections from one source address (a detector cut off from every
   host by its own network).
 
@@ -25,6 +33,9 @@ Failure modes, each consistent on every signal (`fail(h, mode)`; `restore(h)` un
 | mgmt_partition    | unreachable, VMs keep running| refused              | answers On, or not     | beats     |
 | storage_partition | fine                         | answer               | answers, On            | stops     |
 | flapping          | unreachable / back, in turns | refused / answer     | answers, On            | beats     |
+
+With an armed agent, mgmt_partition (isolation "fence") and storage_partition end in a watchdog reset after the
+self-fence deadline; flapping shorter than loss_timeout_s never does.
 
 One thread serves every listener and BMC (a selector) and keeps every due time (heartbeats, flapping, BMC power
 changes) on the lab's clock. Only one HostSide per process: the sushy-tools app is a module-level singleton.
@@ -56,10 +67,14 @@ from sushy_tools.emulator import main as sushy_main
 from sushy_tools.emulator.resources.systems.fakedriver import FakeDriver
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from oneha.agent.core import AgentCore
+from oneha.agent.heartbeat import atomic_write
+from oneha.agent.visibility import any_accepts
 from oneha.lab.cloud import Cloud
-from oneha.timing_rule import Heartbeat
+from oneha.timing_rule import AgentTiming, Isolation
 
 MODES = ("psu", "power_loss", "kernel_hang", "mgmt_partition", "storage_partition", "flapping")
+DEAD = ("psu", "power_loss", "kernel_hang", "off")  # no agent runs
 SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 oneha-lab\r\n"
 _ACTIVE = threading.Lock()  # one HostSide per process
 
@@ -74,12 +89,18 @@ class HostSideOptions:
     libvirt_port: int = 16509
     bmc_port: int = 443
     bmc_delay_s: tuple[float, float] = (1.0, 11.0)  # sushy-tools' fake driver: 1-11 s
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 1.0  # the agent's beat_interval_s
     flap_period_s: float = 2.0
+    loss_timeout_s: float = 10.0  # the agent's timing (oneha/timing_rule.py); checked at start
+    watchdog_timeout_s: float = 10.0
+    reboot_s: float = 60.0  # a host reset by its watchdog is down this long
+    isolation: Isolation = "fence"
+    isolation_by_host: dict[int, Isolation] = field(default_factory=dict)
+    detectors: list[tuple[str, int]] = field(default_factory=list)  # beacon endpoints (addr, port); empty: none
+    probe_timeout_s: float = 0.05  # of one beat's detector probe (loopback)
     bmc_user: str = "admin"
     workdir: Path | None = None  # heartbeat/, cred/, bmc/ (a temporary directory if None)
     seed: int = 0
-    deadline_s: float = 21.0  # the self-fence deadline each host's heartbeat publishes (timing_rule.Heartbeat)
 
 
 @dataclass
@@ -95,10 +116,13 @@ class Signals:
     beating: bool = True
     pending_power: tuple[float, str] | None = None
     next_beat: float = 0.0
+    agent: AgentCore | None = None  # None: not running (host down), or started at the next beat
+    boot: int = 0
+    last_pet: float | None = None  # the watchdog model: armed once set
+    up_at: float | None = None  # reset by the watchdog: back up at this time
+    resets: int = 0
     next_flap: float | None = None
-    seq: int = 0  # heartbeat sequence; boot changes when the host is powered on again
     blocked: set[str] = field(default_factory=set)  # source addresses whose connections are reset (block_source)
-    boot: str = field(default_factory=lambda: secrets.token_hex(8))
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     bmc_server: BaseWSGIServer | None = None
 
@@ -148,6 +172,9 @@ class HostSide:
         self.heartbeat_dir = self.workdir / "heartbeat"
         self.cred_dir = self.workdir / "cred"
         self.rng = random.Random(self.o.seed)  # noqa: S311 - simulated BMC delays
+        self.timing = AgentTiming(self.o.heartbeat_s, self.o.loss_timeout_s, self.o.watchdog_timeout_s)
+        self.timing.check()
+        self.names: dict[int, str] = {}
         self.lock = threading.Lock()
         self.hosts: dict[int, Signals] = {}
         self.by_uuid: dict[str, int] = {}
@@ -170,10 +197,12 @@ class HostSide:
             self._make_tls([address(h) for h in hids])
             self._configure_bmc(hids)
             now = self.cloud.clock()
-            for h in hids:
-                sig = self.hosts[h]
-                sig.next_beat = now
-                self._sync(h, sig)
+            with self.lock:
+                for h in hids:
+                    sig = self.hosts[h]
+                    sig.next_beat = now
+                    self._due(h, sig, now)  # the first heartbeats are on the storage before start() returns
+                    self._sync(h, sig)
             self._thread.start()
         except BaseException:
             self.stop()
@@ -226,6 +255,7 @@ class HostSide:
                 uuid = f"0e7a0000-0000-4000-8000-{h:012d}"
                 systems.append({"uuid": uuid, "name": host.name, "power_state": "On", "nics": []})
                 self.hosts[h] = Signals(address(h), uuid)
+                self.names[h] = host.name
                 self.by_uuid[uuid] = h
                 host.template["FENCE_IP"] = address(h)
                 host.template["ONEHA_MGMT_ADDRESS"] = address(h)  # what detectors probe (contract point 1)
@@ -239,6 +269,10 @@ class HostSide:
         app.configure(extra_config={"SUSHY_EMULATOR_FAKE_DRIVER": True, "SUSHY_EMULATOR_FAKE_SYSTEMS": systems,
                                     "SUSHY_EMULATOR_STATE_DIR": str(self.cacert.parent / "state"),
                                     "SUSHY_EMULATOR_AUTH_FILE": str(htpasswd)})
+        # configure() wraps the app in its auth middleware only once per process, with the first auth file: a later
+        # HostSide (one at a time, as several test modules start them) points it at its own.
+        if isinstance(app.wsgi_app, sushy_main.RedfishAuthMiddleware):
+            app.wsgi_app.auth_file = str(htpasswd)
         driver = LabSystems.initialize(app.config, app.logger)()
         driver.side = self
         # Application.systems is memoized (sushy_tools.emulator.memoize): seed its cache with the lab's driver.
@@ -258,6 +292,7 @@ class HostSide:
                 sig.bmc = mode != "power_loss"
                 sig.bmc_power = "On" if mode == "kernel_hang" else "Off"
                 sig.beating = False
+                self._agent_stops(sig)
             elif mode == "mgmt_partition":
                 cloud.host_partition(hid)
                 sig.net, sig.bmc, sig.beating = "down", bmc_reachable, True
@@ -271,6 +306,10 @@ class HostSide:
     def restore(self, hid: int) -> None:
         with self.lock:
             sig = self.hosts[hid]
+            if sig.mode in DEAD or sig.up_at is not None:
+                self._agent_stops(sig)  # powered on (or done rebooting) now: a new boot, a new agent
+                sig.boot += 1
+            sig.up_at = None
             self.cloud.host_revive(hid)
             sig.mode, sig.net, sig.bmc, sig.bmc_power, sig.beating = "ok", "up", True, "On", True
             sig.next_flap = sig.pending_power = None
@@ -309,12 +348,54 @@ class HostSide:
         else:
             self.cloud.host_revive(hid)
             sig.mode, sig.net, sig.bmc_power, sig.beating, sig.next_flap = "ok", "up", "On", True, None
-            sig.boot = secrets.token_hex(8)
+            sig.boot += 1
 
     def _power_off(self, hid: int) -> None:
         sig = self.hosts[hid]
         self.cloud.host_fence(hid)  # the domains stop, whatever the front-end can see
         sig.mode, sig.net, sig.bmc_power, sig.beating, sig.next_flap = "off", "down", "Off", False, None
+        sig.up_at = None
+        self._agent_stops(sig)
+
+    # The agent (oneha.agent.core) and its watchdog -------------------------------------------------------------
+    def heartbeat_path(self, hid: int) -> Path:
+        return self.heartbeat_dir / self.names[hid]
+
+    @staticmethod
+    def _agent_stops(sig: Signals) -> None:
+        sig.agent, sig.last_pet = None, None
+
+    def _agent_beat(self, hid: int, sig: Signals, now: float) -> None:
+        """One beat of the host's agent: the real core, with the lab's storage and network as its world."""
+        if sig.agent is None:
+            sig.agent = AgentCore(self.names[hid], f"lab-{sig.uuid}-boot{sig.boot}", self.timing,
+                                  self.o.isolation_by_host.get(hid, self.o.isolation))
+        agent = sig.agent
+        heartbeat = agent.next_heartbeat()
+        if sig.beating:  # sees its storage
+            atomic_write(self.heartbeat_path(hid), heartbeat.encode(), sync=False)  # a local directory: no fsync
+            agent.wrote(now)
+        if sig.net == "up" and self.o.detectors and any_accepts(self.o.detectors, self.o.probe_timeout_s,
+                                                                 source=sig.address):
+            agent.saw_detector(now)
+        decision = agent.beat(now)
+        if decision.arm:
+            agent.armed_now()
+        if decision.pet and agent.armed:
+            sig.last_pet = now
+
+    def _watchdog(self, hid: int, sig: Signals, now: float) -> None:
+        """Not petted for watchdog_timeout_s: the host resets; back up reboot_s later, with no domains."""
+        if sig.last_pet is not None and now - sig.last_pet >= self.o.watchdog_timeout_s:
+            self.cloud.host_fence(hid)  # the reset: every domain stops
+            self._agent_stops(sig)
+            sig.up_at, sig.resets = now + self.o.reboot_s, sig.resets + 1
+        elif sig.up_at is not None and now >= sig.up_at:
+            sig.up_at, sig.boot = None, sig.boot + 1
+            if sig.net == "up":
+                self.cloud.host_revive(hid)  # monitoring hears from it again; its domains are gone
+            else:
+                self.cloud.host_partition(hid)  # still cut off from the front-end, powered, nothing running
 
     # The one thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -331,31 +412,17 @@ class HostSide:
         self._apply_power(hid, now)
         if sig.next_flap is not None and now >= sig.next_flap:
             sig.next_flap = now + self.o.flap_period_s
-            if sig.net == "up":
-                self.cloud.host_partition(hid)
-                sig.net = "down"
-            else:
-                self.cloud.host_revive(hid)
-                sig.net = "up"
-        if sig.beating and now >= sig.next_beat:
+            sig.net = "down" if sig.net == "up" else "up"
+            if sig.up_at is None:  # a rebooting host stays silent whatever its link does
+                (self.cloud.host_partition if sig.net == "down" else self.cloud.host_revive)(hid)
+        self._watchdog(hid, sig, now)
+        if sig.mode not in DEAD and sig.up_at is None and now >= sig.next_beat:
             sig.next_beat = now + self.o.heartbeat_s
-            self._beat(hid, sig)
-
-    def _beat(self, hid: int, sig: Signals) -> None:
-        """The agent's write: `<heartbeat_dir>/<host NAME>` in timing_rule's format, replaced atomically."""
-        sig.seq += 1
-        name = self.cloud.hosts[hid].name
-        path = self.heartbeat_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_bytes(Heartbeat(name, sig.seq, sig.boot, self.o.deadline_s).encode())
-        tmp.replace(path)
-
-    def heartbeat_path(self, hid: int) -> Path:
-        return self.heartbeat_dir / self.cloud.hosts[hid].name
+            self._agent_beat(hid, sig, now)
 
     def _sync(self, hid: int, sig: Signals) -> None:
         """Open, close or mute the host's sockets to match its signals."""
-        if sig.net == "down":
+        if sig.net == "down" or sig.up_at is not None:
             self._close_net(sig)
         else:
             for kind, port in (("ssh", self.o.ssh_port), ("libvirt", self.o.libvirt_port)):

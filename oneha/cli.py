@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "detect": "oneha.detect.cli:detect",
     "incidents": "oneha.incidents_cli:incidents",
     "config": "oneha.config_cli:config",
+    "agent": "oneha.agent.cli:agent",
     "deploy": "oneha.deploy_cli:deploy",
 }
 

@@ -7,7 +7,9 @@ endpoint and `ONE_AUTH` for the path of the `user:password` file. Credentials ne
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -333,6 +335,66 @@ class AuditSettings(_Strict):
     max_incidents: int = Field(10_000, ge=10, description="Closed incidents kept at most.")
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """"addr:port" (IPv6 as "[addr]:port") -> (addr, port). An IP address, never a name: the agent's loop must not
+    wait for DNS, and a DNS outage must not look like a partition."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: give an IP address and a port, as addr:port or [v6addr]:port") from None
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    return host, int(port)
+
+
+class AgentSettings(_Strict):
+    """`oneha agent`, on each hypervisor (docs/agent.md). The timing rule is oneha/timing_rule.py's."""
+
+    host_name: str | None = Field(None, min_length=1, description=(
+        "This host's NAME in oned (the heartbeat file's name, which detectors look up). Default: the hostname."))
+    heartbeat_dir: Path | None = Field(None, description=(
+        "Directory on the shared storage (e.g. inside the system datastore's mount) where this host's heartbeat "
+        "and the detectors' detector.json live. Required; never created by the agent: a missing directory means "
+        "the storage is not mounted."))
+    detectors: list[str] = Field(default_factory=list, description=(
+        "Detector beacon endpoints as \"addr:port\" (IP addresses, port detect.beacon_port, 9650 by default); any "
+        "one accepting a TCP connection means a detector sees this host. Required with isolation = \"fence\"."))
+    beat_interval_s: float = Field(1.0, gt=0, description="Heartbeat write and checks, once per beat.")
+    loss_timeout_s: float = Field(10.0, gt=0, description=(
+        "The watchdog is petted only while the last heartbeat write (and, with isolation = \"fence\", the last "
+        "detector contact) is younger than this."))
+    watchdog_timeout_s: float = Field(10.0, ge=1, description=(
+        "Set on the watchdog device (whole seconds, WDIOC_SETTIMEOUT) and read back; the host resets this long "
+        "after the last pet."))
+    watchdog: Literal["device", "none"] = Field("device", description=(
+        "\"device\": watchdog_device (if absent, `modprobe softdog` is tried). \"none\": no watchdog; the "
+        "heartbeat then says it guarantees nothing, so detectors never use it as proof of death."))
+    watchdog_device: Path = Field(Path("/dev/watchdog"), description=(
+        "The watchdog device. Not the one systemd's RuntimeWatchdogSec holds."))
+    isolation: Literal["fence", "storage-only"] = Field("fence", description=(
+        "\"fence\": stop petting when cut off from the storage or from every detector; \"storage-only\": "
+        "from the storage only (a management-network partition leaves the host running)."))
+
+    def name(self) -> str:
+        return self.host_name or socket.gethostname()
+
+    @field_validator("host_name")
+    @classmethod
+    def _file_name(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or value.startswith(".") or "\0" in value):
+            raise ValueError(f"{value!r} cannot be a file name in the heartbeat directory")
+        return value
+
+    @field_validator("detectors")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_endpoint(text)
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ONEHA_", env_nested_delimiter="__", extra="forbid",
                                       frozen=True)
@@ -345,6 +407,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     audit: AuditSettings = AuditSettings()
     detect: DetectSettings = DetectSettings()
+    agent: AgentSettings = Field(default_factory=AgentSettings)
 
     @property
     def broker_url(self) -> str:

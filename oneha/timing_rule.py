@@ -21,13 +21,23 @@ Worked example (the defaults): beat 1 s + loss 10 s + watchdog 10 s = 21 s deadl
 `heartbeat_stale_s = 25` may call a silent host dead 25 s after the last heartbeat it saw change.
 
 The heartbeat file is small JSON, one per host: {"v": 1, "host": name, "seq": n, "boot": boot id,
-"deadline_s": d, "isolation": "fence" | "storage-only"}. `seq` changes on every write; nothing relies on the clocks
-of two machines agreeing.
+"deadline_s": d, "isolation": "fence" | "storage-only", "status": s}. `seq` changes on every write; nothing relies on
+the clocks of two machines agreeing.
+
+`status` (added by the agent, issue 13; absent = "armed", as the format was first written) says whether the heartbeat
+carries the guarantee at all. Only "armed" does: the agent's watchdog is armed and the agent pets it by the rule
+above. "unarmed" (the agent has not yet seen its storage and a detector since it started: it arms only then, so a
+host booting into a partition cannot reboot-loop), "no-watchdog" (`watchdog = "none"`) and "stopped" (the agent was
+stopped cleanly and disarmed its watchdog) promise nothing, and are written with `"deadline_s": null`, decoded as an
+infinite deadline: `fits()` is then false for every threshold, so a reader that forgot to look at `status` still
+cannot take such a heartbeat for proof, and a reader of the first format rejects it as malformed. Readers use
+`Heartbeat.proves_self_fence`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +47,8 @@ DETECTOR_FILE = "detector.json"  # the detectors' published threshold, in the he
 DEFAULT_MARGIN_S = 4.0
 
 Isolation = Literal["fence", "storage-only"]
+Status = Literal["armed", "unarmed", "no-watchdog", "stopped"]
+STATUSES: tuple[Status, ...] = ("armed", "unarmed", "no-watchdog", "stopped")
 
 
 class TimingError(ValueError):
@@ -91,12 +103,19 @@ class Heartbeat:
     host: str
     seq: int
     boot: str
-    deadline_s: float
+    deadline_s: float  # math.inf unless status == "armed"
     isolation: Isolation = "fence"
+    status: Status = "armed"
+
+    @property
+    def proves_self_fence(self) -> bool:
+        """True only if this heartbeat promises that its host resets within `deadline_s` of going silent."""
+        return self.status == "armed" and math.isfinite(self.deadline_s)
 
     def encode(self) -> bytes:
+        deadline = self.deadline_s if self.proves_self_fence else None
         return json.dumps({"v": FORMAT_VERSION, "host": self.host, "seq": self.seq, "boot": self.boot,
-                           "deadline_s": self.deadline_s, "isolation": self.isolation},
+                           "deadline_s": deadline, "isolation": self.isolation, "status": self.status},
                           separators=(",", ":")).encode()
 
     @classmethod
@@ -108,11 +127,14 @@ class Heartbeat:
         if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
             raise ValueError("not a version-1 heartbeat")
         host, seq, boot, deadline = data.get("host"), data.get("seq"), data.get("boot"), data.get("deadline_s")
-        isolation = data.get("isolation", "fence")
+        isolation, status = data.get("isolation", "fence"), data.get("status", "armed")
+        if status != "armed" and status in STATUSES and deadline is None:
+            deadline = math.inf  # promises nothing
         if not (isinstance(host, str) and isinstance(seq, int) and isinstance(boot, str)
-                and isinstance(deadline, int | float) and deadline > 0 and isolation in ("fence", "storage-only")):
+                and isinstance(deadline, int | float) and deadline > 0 and isolation in ("fence", "storage-only")
+                and status in STATUSES):
             raise ValueError("heartbeat fields missing or of the wrong type")
-        return cls(host, seq, boot, float(deadline), isolation)
+        return cls(host, seq, boot, float(deadline), isolation, status)
 
 
 def detector_document(heartbeat_stale_s: float, margin_s: float = DEFAULT_MARGIN_S) -> bytes:

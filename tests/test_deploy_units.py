@@ -57,7 +57,26 @@ def one(unit: dict[str, dict[str, list[str]]], section: str, key: str) -> str:
 
 def test_every_unit_is_known():
     names = {p.name for p in UNITS.iterdir()}
-    assert names == set(SERVICES) | {"oneha-flower.service"}
+    assert names == set(SERVICES) | {"oneha-flower.service", "oneha-agent.service"}
+
+
+def test_agent_unit_runs_as_root_without_credentials_and_always_comes_back():
+    """The agent (on the hypervisors) needs /dev/watchdog and modprobe, and neither oned nor Redis credentials; a
+    crash must be undone quickly (its watchdog is still armed), a refused start (2) not retried."""
+    unit = parse_unit(UNITS / "oneha-agent.service")
+    argv = shlex.split(one(unit, "Service", "ExecStart"))
+    assert argv[:2] == [ONEHA, "agent"] and "agent" in SUBCOMMANDS
+    assert argv[argv.index("--config") + 1] == "/etc/oneha/oneha.toml"
+    assert one(unit, "Service", "User") == "root"
+    assert "LoadCredential" not in unit["Service"] and "ONE_AUTH" not in (UNITS / "oneha-agent.service").read_text()
+    assert systemd_restarts(unit, status=0) and systemd_restarts(unit, status=1)
+    assert systemd_restarts(unit, sig="SIGKILL") and not systemd_restarts(unit, status=2)
+    assert not systemd_restarts(unit, status=0, stopped_by_systemctl=True)
+    restart_s = float(one(unit, "Service", "RestartSec").removesuffix("s"))
+    assert restart_s * 5 >= 10 and restart_s < 10  # back before a default 10 s watchdog fires
+    text = (UNITS / "oneha-agent.service").read_text()
+    assert "magic 'V'" in text and "ARMED" in text  # the unit says what a crash does
+    assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
 def test_flower_unit_requires_auth_and_stays_on_loopback():

@@ -66,9 +66,12 @@ pytestmark = pytest.mark.skipif(not (_can_bind(22) and _can_bind(443) and shutil
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabCloud]:
-    # heartbeat every 0.1 s, self-fence deadline 1 s (+ margin 0.5 fits heartbeat_stale_s 2); the flapping link
-    # is down 0.3 s at a time: shorter than 3 probes of 0.2 s.
-    options = HostSideOptions(bmc_delay_s=(0.3, 0.6), heartbeat_s=0.1, flap_period_s=0.3, deadline_s=1.0)
+    # Each host's agent model beats every 0.1 s with a self-fence deadline of 0.1 + 0.4 + 0.3 = 0.8 s (+ margin 0.5
+    # fits heartbeat_stale_s 2). Isolation "storage-only": these agents arm on storage alone (the detectors here run
+    # no beacon) and a management partition leaves the host running (isolated, never fenced). The flapping link is
+    # down 0.3 s at a time: shorter than 3 probes of 0.2 s.
+    options = HostSideOptions(bmc_delay_s=(0.3, 0.6), heartbeat_s=0.1, flap_period_s=0.3, loss_timeout_s=0.4,
+                              watchdog_timeout_s=0.3, isolation="storage-only")
     with LabCloud(hosts=HOSTS, vms=2 * HOSTS, monitoring_interval_s=60.0, host_side=options) as cloud:
         yield cloud
 

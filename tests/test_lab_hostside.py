@@ -90,11 +90,13 @@ def bmc(side: HostSide, hid: int) -> str:
 
 
 def beats(side: HostSide, hid: int) -> bool:
-    """True when the heartbeat file is rewritten within a few periods."""
-    path = side.heartbeat_path(hid)
+    """True when the heartbeat file (`<heartbeat_dir>/<host NAME>`, oneha/timing_rule.py's format) gets a new seq
+    within a few periods."""
+    path = side.heartbeat_dir / side.names[hid]
     before = Heartbeat.decode(path.read_bytes())
+    assert before.host == side.names[hid]
     try:
-        wait_until(lambda: Heartbeat.decode(path.read_bytes()) != before, 4 * HEARTBEAT_S, what="heartbeat")
+        wait_until(lambda: Heartbeat.decode(path.read_bytes()).seq != before.seq, 4 * HEARTBEAT_S, what="heartbeat")
     except TimeoutError:
         return False
     return True

@@ -12,8 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The repository's packages and the names they are imported by (oneha/workers etc. are symlinks to these folders).
-PACKAGES = {"oneha": "oneha", "workers": "oneha.workers", "subscriber": "oneha.subscriber", "lab": "oneha.lab",
-            "oneha/detect": "oneha.detect"}
+PACKAGES = {"oneha": "oneha", "oneha/agent": "oneha.agent", "oneha/detect": "oneha.detect",
+            "workers": "oneha.workers", "subscriber": "oneha.subscriber", "lab": "oneha.lab"}
 MAX_FUNCTION_LINES = 50
 
 

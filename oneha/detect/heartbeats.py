@@ -20,7 +20,7 @@ from oneha.timing_rule import DETECTOR_FILE, MAX_HEARTBEAT_BYTES, Heartbeat, det
 @dataclass
 class Seen:
     stamp: tuple[str, int]  # (boot, seq) last read
-    deadline_s: float
+    deadline_s: float | None  # None: the heartbeat promises no self-fence (unarmed, no watchdog, stopped)
     changed_at: float | None = None  # monotonic time this detector last saw it change; None: never seen change
 
 
@@ -43,11 +43,12 @@ class HeartbeatWatch:
             if hb is None:
                 continue
             stamp = (hb.boot, hb.seq)
+            deadline = hb.deadline_s if hb.proves_self_fence else None
             old = self.seen.get(name)
             if old is None:
-                self.seen[name] = Seen(stamp, hb.deadline_s)
+                self.seen[name] = Seen(stamp, deadline)
             elif old.stamp != stamp:
-                old.stamp, old.deadline_s, old.changed_at = stamp, hb.deadline_s, now
+                old.stamp, old.deadline_s, old.changed_at = stamp, deadline, now
         fresh = any(s.changed_at is not None and now - s.changed_at <= fresh_s for s in self.seen.values())
         self.round_trip_ok = fresh or self.round_trip()
         self.polled_at = time.monotonic()
