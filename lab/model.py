@@ -123,6 +123,7 @@ class Vm:
     plan: list[Step] = field(default_factory=list)
     next_at: float = 0.0
     sticky_fail: Any = None  # an LcmState *_FAILURE every later pass through its stage ends in
+    vectors: dict[str, dict[str, str]] = field(default_factory=dict)  # TEMPLATE vector attributes (VMGROUP, PCI…)
     running_since: float = 0.0  # clock() when it last entered RUNNING (history RSTIME: the monitor's guard)
     xml_full: str | None = None
     xml_short: str | None = None
@@ -152,6 +153,41 @@ BOOT_FALLBACK = {"BOOT_UNKNOWN": "UNKNOWN", "BOOT_POWEROFF": "POWEROFF", "BOOT_S
 # Failure state -> the stage `recover 2` (retry) re-runs and the step `recover 1` (success) jumps to.
 RETRY_STAGE = STAGE_OF_FAILURE | {"PROLOG_MIGRATE_POWEROFF_FAILURE": "PROLOG_MIGRATE_POWEROFF",
                                   "PROLOG_MIGRATE_SUSPEND_FAILURE": "PROLOG_MIGRATE_SUSPEND"}
+
+
+# Host share units (`include/HostShareCapacity.h`: cpu = CPU x 100, mem = MEMORY x 1024, in KB). A lab host's
+# `capacity` counts VMs of the default size (CPU 1, MEMORY 512 MB).
+CPU_PER_SLOT, MEM_KB_PER_SLOT = 100, 512 * 1024
+
+
+def vm_demand(vm: Vm) -> tuple[int, int]:
+    """(cpu, mem KB) the VM takes from a host's share: `VirtualMachine::get_capacity` (src/vm/VirtualMachine.cc)."""
+    try:
+        cpu = int(float(vm.template.get("CPU") or 1) * 100)
+        mem = int(float(vm.template.get("MEMORY") or 512)) * 1024
+    except ValueError:
+        return CPU_PER_SLOT, MEM_KB_PER_SLOT
+    return cpu, mem
+
+
+def host_max(host: Host) -> tuple[int, int]:
+    return host.capacity * CPU_PER_SLOT, host.capacity * MEM_KB_PER_SLOT
+
+
+def host_usage(vms: dict[int, Vm], host: Host) -> tuple[int, int]:
+    """CPU_USAGE and MEM_USAGE: what the VMs oned counts on the host (HOST/VMS) take. oned adds a VM's capacity
+    when it is deployed there and frees it when it leaves (`add_capacity` / `del_capacity`, src/lcm)."""
+    cpu = mem = 0
+    for vid in host.vm_ids:
+        c, m = vm_demand(vms[vid])
+        cpu, mem = cpu + c, mem + m
+    return cpu, mem
+
+
+def fits(vms: dict[int, Vm], host: Host, vm: Vm, planned: tuple[int, int] = (0, 0)) -> bool:
+    """`HostShare::test_compute` (src/host/HostShare.cc): MAX - USAGE >= what the VM asks, for CPU and memory."""
+    (max_cpu, max_mem), (cpu, mem), (need_cpu, need_mem) = host_max(host), host_usage(vms, host), vm_demand(vm)
+    return max_cpu - cpu - planned[0] >= need_cpu and max_mem - mem - planned[1] >= need_mem
 
 
 def as_int(value: Any, what: str) -> int:

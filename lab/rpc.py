@@ -60,6 +60,7 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "lab.vm.create": ((dict,), ()),
     "lab.faults": ((), (dict,)),
     "lab.oracle": ((), (float,)),
+    "lab.calls": ((), (float,)),  # the call log of placements: [{t, by: api|scheduler, call, vm, host, error}]
     "lab.stats": ((), (bool,)),
 }
 
@@ -170,7 +171,7 @@ class LabRpc:
             "one.vm.action": _ack(lambda action, vid: cloud.vm_action(action, vid), "vid"),
             "one.vm.recover": _ack(lambda vid, op: cloud.vm_recover(vid, op), "vid"),
             "one.vm.migrate": _ack(lambda vid, hid, live, *_: cloud.vm_migrate(vid, hid, live), "vid"),
-            "one.vm.deploy": _ack(lambda vid, hid, *_: cloud.vm_deploy(vid, hid), "vid"),
+            "one.vm.deploy": _ack(lambda vid, hid, enforce=False, *_: cloud.vm_deploy(vid, hid, enforce), "vid"),
             "one.datastorepool.info": self.datastorepool_info, "one.clusterpool.info": self.clusterpool_info,
             "one.system.version": lambda: ONED_VERSION, "one.system.config": self.system_config,
             "lab.host.kill": _ack(lambda hid: cloud.host_kill(hid), "hid"),
@@ -185,6 +186,7 @@ class LabRpc:
             "lab.hook.create": self.hook_create,
             "lab.vm.create": cloud.create_vm, "lab.faults": self.set_faults,
             "lab.oracle": lambda since=0.0: cloud.oracle(since), "lab.stats": self.get_stats,
+            "lab.calls": lambda since=0.0: cloud.calls_since(since),
         }
 
     # -- dispatch ------------------------------------------------------------------------------------------------

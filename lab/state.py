@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ class CloudState:
         self.busy: set[int] = set()  # VMs with a non-empty plan (so tick() does not scan 20,000 VMs)
         self.pending: set[int] = set()  # PENDING VMs and resched'ed VMs, for the scheduler
         self.timeline: list[tuple[float, str, int, str]] = []
+        self.calls: deque[dict[str, Any]] = deque(maxlen=100_000)  # the call log of placements (`_log_call`)
         self.timing: Timelines | None = None  # issue 12: oned's own timelines (lab/timeline.py); None = immediate
         self.sink: EventSink | None = None
         self.next_vm_id = 0
@@ -109,6 +111,11 @@ class CloudState:
         self._record("host", host.id, state.name, emit=False)
         if self.sink is not None:
             self.sink("HOST", host.id, state.name, None, host.name, self.xml.host_xml(self, host), None)
+
+    def _log_call(self, by: str, what: str, vid: int, hid: int, error: str) -> None:
+        """The call log: who placed which VM where ("api": an XML-RPC client such as oneha; "scheduler": the
+        lab's own scheduler, in either profile), and oned's error when it refused."""
+        self.calls.append({"t": time.time(), "by": by, "call": what, "vm": vid, "host": hid, "error": error})
 
     def _record(self, kind: str, oid: int, name: str, emit: bool) -> None:
         self.timeline.append((time.time(), kind, oid, name))
