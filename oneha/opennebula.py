@@ -748,6 +748,10 @@ class OnedClient:
     def vm_recover(self, vm_id: int, op: RecoverOp) -> None:
         self.server.vm.recover(vm_id, int(op))
 
+    def vm_deploy(self, vm_id: int, host_id: int, enforce: bool, ds_id: int) -> None:
+        """`one.vm.deploy(id, host, enforce, ds)`: ds -1 = the cluster's default system datastore."""
+        self.server.vm.deploy(vm_id, host_id, enforce, ds_id)
+
     def shared_system_datastores(self) -> frozenset[int]:
         pool = self.server.datastorepool.info()
         shared = set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -23,6 +23,7 @@ from oneha.opennebula import LcmState, VmState, VmView
 from oneha.settings import ClusterPolicy
 from oneha.workers.lock import Lease
 from oneha.workers.outcomes import OK_RESULTS, Action, Result
+from oneha.workers.placement import place_vm, wants_placement
 from oneha.workers.runtime import Flow, Paused, Runtime
 from oneha.workers.vm_loop import WAIT, Decision, LoopEnd, LoopState, Verdict, VmLoopKind, call, run_vm_loop, stop
 from oneha.workers.vm_steps import (
@@ -47,9 +48,11 @@ class VmOutcome:
     acted_at: float | None
     confirmed_at: float | None
     final_state: str = ""
+    placement: dict[str, object] = field(default_factory=dict)  # workers/placement.py: who placed it, where
 
     def record(self) -> dict[str, object]:
-        return {"action": self.action, "result": self.result, "attempts": self.attempts, "detail": self.detail,
+        return {**self.placement, "action": self.action, "result": self.result, "attempts": self.attempts,
+                "detail": self.detail,
                 "started_at": round(self.started_at, 3),
                 "acted_at": round(self.acted_at, 3) if self.acted_at else None,
                 "confirmed_at": round(self.confirmed_at, 3) if self.confirmed_at else None,
@@ -116,7 +119,10 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
     started = time.time()
     st = LoopState(deadline=time.monotonic() + budget_s)
     end = run_vm_loop(flow, vm_id, HostVm(flow, host_id, policy), st)
-    return outcome_of(end, started)
+    outcome = outcome_of(end, started)
+    if end.result is Result.RECOVERED and wants_placement(end.vm, policy):
+        outcome.placement = place_vm(flow, vm_id, host_id)
+    return outcome
 
 
 def outcome_of(end: LoopEnd, started: float) -> VmOutcome:
