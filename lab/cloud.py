@@ -200,7 +200,7 @@ class Cloud(CloudState):
 
     def _deploy(self, vm: Vm, host: Host, enforce: bool) -> None:
         if vm.state not in (VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED):
-            raise LabError(ErrorCode.ACTION, f"Deploy action is not available for state {vm.state_name()}", vm.id)
+            raise LabError(ErrorCode.ACTION, f"Deploy action is not available for state {vm.state.name}", vm.id)
         if host.state == HostState.OFFLINE:
             raise LabError(ErrorCode.ACTION, "Host is offline, cannot use it to deploy VM", vm.id)
         if enforce and not fits(self.vms, host, vm):

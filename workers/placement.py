@@ -23,7 +23,6 @@ Why it is safe and what it leaves to oned (docs/research/oned-agreement.md ยง3-ย
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from oneha.settings import ClusterPolicy
 from oneha.workers.hooks import step
 from oneha.workers.outcomes import CallOutcome
 from oneha.workers.runtime import Flow
-from oneha.workers.vm_steps import confirm, deploy_vm, read_vm, run_call
+from oneha.workers.vm_steps import confirm, deploy_vm, read_vm
 
 LCM_MARGIN_S = 5.0  # a deploy accepted this long before a host pool read may not be counted in it yet
 POOL_MAX_AGE_S = 1.0  # concurrent VM tasks of one process share a host pool read this fresh
@@ -172,7 +171,9 @@ def wait_pending(flow: Flow, vm_id: int, timeout_s: float) -> VmView | None:
 def choose_host(flow: Flow, vm: VmView, failed_host_id: int, tried: set[int]) -> int | None:
     """The most free host with room that oneha could reserve for the VM; None when there is none."""
     read_at, pool = host_pool(flow)
-    cluster_id = flow.incident.cluster_id
+    # The cluster of the VM's last host (its history's CID), i.e. the failed host's: AUTOMATIC_REQUIREMENTS ties
+    # the VM to it (its datastores and networks are there).
+    cluster_id = vm.cluster_id if vm.cluster_id >= 0 else flow.incident.cluster_id
     in_cluster = [h for h in pool if h.cluster_id == cluster_id and h.id not in tried]
     incidents = flow.rt.store.open_incident_ids("host", [h.id for h in in_cluster])
     blocked = {h.id for h, inc in zip(in_cluster, incidents, strict=True) if inc is not None}
@@ -221,7 +222,7 @@ def _deploy_somewhere(flow: Flow, vm: VmView, failed_host_id: int) -> dict[str, 
         if host_id is None:
             return _by_scheduler(flow, vm.id, "no host of the cluster with room", None)
         tried.add(host_id)
-        outcome = run_call(flow, vm, "deploy", functools.partial(deploy_vm, flow, vm, host_id))
+        outcome = deploy_vm(flow, vm, host_id)
         if outcome is CallOutcome.DRY_RUN:
             unreserve(flow, vm, host_id)
             return {"placement": "dry_run", "placement_host": host_id}

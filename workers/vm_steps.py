@@ -182,10 +182,12 @@ def resume_vm(flow: Flow, vm: VmView) -> bool:
 
 
 @step("deploy_vm")
-def deploy_vm(flow: Flow, vm: VmView, host_id: int) -> bool:
-    """`one.vm.deploy(vm, host, enforce=True, ds=-1)`: oned checks the host's CPU and memory (not a reservation)."""
-    return _mutate(flow, vm, f"deploy on host {host_id}",
-                   lambda: flow.rt.oned.vm_deploy(vm.id, host_id, enforce=True, ds_id=-1))
+def deploy_vm(flow: Flow, vm: VmView, host_id: int) -> CallOutcome:
+    """`one.vm.deploy(vm, host, enforce=True, ds=-1)`: oned checks the host's CPU and memory (not a reservation).
+
+    Its refusal (ACTION: the scheduler placed the VM first, or the room went) is an outcome, not a failure."""
+    return run_call(flow, vm, "deploy", lambda: _mutate(
+        flow, vm, f"deploy on host {host_id}", lambda: flow.rt.oned.vm_deploy(vm.id, host_id, enforce=True, ds_id=-1)))
 
 
 ACTIONS = {Action.RECREATE: recreate_vm, Action.DELETE: delete_vm, Action.MIGRATE: migrate_vm,
