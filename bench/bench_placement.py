@@ -24,7 +24,6 @@ from oneha.lab.timeline import profile_named
 from oneha.opennebula import HostState, VmState
 from oneha.redis_server import RedisServer
 from oneha.waiting import wait_until
-
 from tests.workerkit import worker_stack  # the tests' worker stack, reused as is (run from the repository root)
 
 HOSTS, PER_HOST, FAILED = 12, 50, 0
