@@ -7,6 +7,7 @@ and by the host share read back. The pure choice is unit-tested at the end.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,26 @@ def test_candidate_hosts_most_free_first_within_the_cluster_and_room() -> None:
     assert [r.host_id for r in rooms] == [1, 2]  # 2 has 5 free slots, 4 of them reserved: 1 left (< 2 on host 1)
     assert [r.host_id for r in candidate_hosts(vm(cpu="3"), hosts, 0, 0, set(), {})] == [7, 2]
     assert candidate_hosts(vm(memory="8192"), hosts, 0, 0, set(), {}) == []
+
+
+def test_reservations_keep_parallel_placements_within_the_room_oned_showed(redis_client: Any) -> None:
+    """enforce is a check, not a reservation: two workers that read the same host share must not both take its last
+    slot. Reservations newer than the read count against it; older ones (oned counts them by then) do not."""
+    from types import SimpleNamespace
+
+    from oneha.keys import Keys
+    from oneha.workers.placement import Room, reserve, reserved_since, unreserve
+
+    flow: Any = SimpleNamespace(rt=SimpleNamespace(redis=redis_client, keys=Keys("t"), settings=SimpleNamespace(
+        worker=SimpleNamespace(placement_reservation_s=30.0))))
+    a, b, c = (replace(vm(), id=i) for i in (1, 2, 3))
+    room = Room(5, 200, 2 * 524288, 0.25)  # two slots free in the read
+    read_at = time.time() - 1
+    assert reserve(flow, a, room, (200, 2 * 524288), read_at)
+    assert reserve(flow, a, room, (200, 2 * 524288), read_at)  # the same VM again: its own room is not counted
+    assert reserve(flow, b, room, (200, 2 * 524288), read_at)
+    assert not reserve(flow, c, room, (200, 2 * 524288), read_at)  # the host is full for this read
+    assert reserved_since(flow, [5, 6], read_at) == {5: (200, 2 * 524288), 6: (0, 0)}
+    assert reserve(flow, c, room, (200, 2 * 524288), time.time() + 1)  # a read newer than both: oned counts them
+    unreserve(flow, b, 5)
+    assert reserved_since(flow, [5], read_at) == {5: (200, 2 * 524288)}  # a and c

@@ -22,6 +22,7 @@ from oneha.incidents import Incident, Status
 from oneha.opennebula import LcmState, VmState, VmView
 from oneha.settings import ClusterPolicy
 from oneha.workers.lock import Lease
+from oneha.workers.oned import OnedError
 from oneha.workers.outcomes import OK_RESULTS, Action, Result
 from oneha.workers.placement import place_vm, wants_placement
 from oneha.workers.runtime import Flow, Paused, Runtime
@@ -121,7 +122,12 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
     end = run_vm_loop(flow, vm_id, HostVm(flow, host_id, policy), st)
     outcome = outcome_of(end, started)
     if end.result is Result.RECOVERED and wants_placement(end.vm, policy):
-        outcome.placement = place_vm(flow, vm_id, host_id)
+        try:
+            outcome.placement = place_vm(flow, vm_id, host_id)
+        except OnedError as exc:  # the VM is off the host and PENDING: the scheduler is the backstop
+            detail = f"placement failed: {exc}"
+            flow.rt.hooks.placement(flow, vm_id, "scheduler", None, detail)
+            outcome.placement = {"placement": "scheduler", "placement_detail": detail}
     return outcome
 
 
