@@ -65,7 +65,7 @@ def run(placement: str, divisor: float, workdir: Path, redis_url: str) -> dict[s
                         marks[name] = time.monotonic() - t0
                 return "running" in marks
 
-            wait_until(progress, 600, interval_s=0.05, what="every VM running elsewhere")
+            wait_until(progress, 600, interval_s=0.02, backoff=1.0, what="every VM running elsewhere")
             stack.wait_closed(inc, timeout_s=120)
             oracle = lab.cloud.oracle()
             calls = [c for c in lab.cloud.calls_since(since) if c["call"] == "deploy" and c["vm"] in vms]
