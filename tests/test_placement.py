@@ -167,7 +167,8 @@ def test_the_scheduler_winning_the_race_leaves_no_error_and_no_double_deploy(tmp
 
 # The flows as plain functions, to put the scheduler's deploy (or a lost answer) exactly where it hurts -------------
 def recover_in_process(tmp_path: Path, redis_url: str, lab: Any, monkeypatch: pytest.MonkeyPatch,
-                       wrap: Any) -> tuple[int, dict[int, dict[str, Any]], list[dict[str, Any]]]:
+                       wrap: Any, other_incident: int | None = None
+                       ) -> tuple[int, dict[int, dict[str, Any]], list[dict[str, Any]]]:
     """Host 0's VMs recovered by the flows called in this process; `wrap(real_deploy)` replaces the OnedClient's
     `vm_deploy`. Returns (incident, VM records, its audit log)."""
     from oneha.incidents import Kind
@@ -185,6 +186,8 @@ def recover_in_process(tmp_path: Path, redis_url: str, lab: Any, monkeypatch: py
     try:
         monkeypatch.setattr(rt.oned.client, "vm_deploy", wrap(rt.oned.client.vm_deploy))
         kill_and_wait_error(url, 0)
+        if other_incident is not None:  # an incident about another host (suspected, never dispatched here)
+            rt.store.report(Kind.HOST, other_incident, 0, 3600.0, "test")
         inc = rt.store.report(Kind.HOST, 0, 0, 0.0, "test").incident_id
         assert recover_host(rt, inc) == "dispatched"
         assert [recover_host_vm(rt, inc, vid) for _, vid in sent] == ["recovered"] * len(sent)
@@ -235,6 +238,17 @@ def test_a_deploy_whose_answer_is_lost_is_read_back_not_sent_again(tmp_path: Pat
         calls = deploys(lab.rpc_url)
         assert sorted(c["vm"] for c in calls) == sorted(vms) and {c["by"] for c in calls} == {"api"}
         running_on(lab.rpc_url, vms)
+
+
+def test_never_onto_a_host_another_open_incident_is_about(tmp_path: Path, redis_url: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_lab(hosts=3, **lab_options(window_s=60.0)) as lab:
+        vms = [call(lab.rpc_url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"}) for _ in range(4)]
+        _, records, _ = recover_in_process(tmp_path, redis_url, lab, monkeypatch, lambda real: real,
+                                           other_incident=1)
+        assert {r["placement_host"] for r in records.values()} == {2}  # host 1 is emptier, but in question
+        o = running_on(lab.rpc_url, vms)
+        assert {o["running"][str(v)][0] for v in vms} == {2}
 
 
 # The pure choice -------------------------------------------------------------------------------------------------
