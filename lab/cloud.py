@@ -203,7 +203,7 @@ class Cloud(CloudState):
             raise LabError(ErrorCode.ACTION, f"Deploy action is not available for state {vm.state.name}", vm.id)
         if host.state == HostState.OFFLINE:
             raise LabError(ErrorCode.ACTION, "Host is offline, cannot use it to deploy VM", vm.id)
-        if enforce and not fits(self.vms, host, vm):
+        if enforce and not fits(host, vm):
             raise LabError(ErrorCode.ACTION, f"VM [{vm.id}] does not fit in HOST [{host.id}].", vm.id)
         self.pending.discard(vm.id)
         self._open_history(vm, host, ACT_NONE)

@@ -95,6 +95,7 @@ class Host:
     vm_ids: set[int] = field(default_factory=set)  # oned's HOST/VMS
     silent_since: float | None = None  # monotonic time the front-end last heard from it, when it stopped answering
     lost: bool = False  # monitoring has given up on it (its RUNNING VMs were set UNKNOWN)
+    used: tuple[int, int] = (0, 0)  # CPU_USAGE, MEM_USAGE of the VMs in vm_ids (kept with it: `CloudState`)
     xml_cache: str | None = None
 
 
@@ -174,19 +175,9 @@ def host_max(host: Host) -> tuple[int, int]:
     return host.capacity * CPU_PER_SLOT, host.capacity * MEM_KB_PER_SLOT
 
 
-def host_usage(vms: dict[int, Vm], host: Host) -> tuple[int, int]:
-    """CPU_USAGE and MEM_USAGE: what the VMs oned counts on the host (HOST/VMS) take. oned adds a VM's capacity
-    when it is deployed there and frees it when it leaves (`add_capacity` / `del_capacity`, src/lcm)."""
-    cpu = mem = 0
-    for vid in host.vm_ids:
-        c, m = vm_demand(vms[vid])
-        cpu, mem = cpu + c, mem + m
-    return cpu, mem
-
-
-def fits(vms: dict[int, Vm], host: Host, vm: Vm, planned: tuple[int, int] = (0, 0)) -> bool:
+def fits(host: Host, vm: Vm, planned: tuple[int, int] = (0, 0)) -> bool:
     """`HostShare::test_compute` (src/host/HostShare.cc): MAX - USAGE >= what the VM asks, for CPU and memory."""
-    (max_cpu, max_mem), (cpu, mem), (need_cpu, need_mem) = host_max(host), host_usage(vms, host), vm_demand(vm)
+    (max_cpu, max_mem), (cpu, mem), (need_cpu, need_mem) = host_max(host), host.used, vm_demand(vm)
     return max_cpu - cpu - planned[0] >= need_cpu and max_mem - mem - planned[1] >= need_mem
 
 

@@ -58,7 +58,7 @@ def choose_host(c: CloudState, vm: Vm, exclude: int | None, cluster: int | None,
     best: Host | None = None
     best_key: tuple[int, int, int] | None = None
     for host in c.hosts.values():
-        if host.state != HostState.MONITORED or host.id == exclude or not fits(c.vms, host, vm):
+        if host.state != HostState.MONITORED or host.id == exclude or not fits(host, vm):
             continue
         if strict and host.cluster_id != cluster:
             continue  # resched keeps the VM on its system datastore, i.e. in its cluster

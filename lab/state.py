@@ -28,6 +28,7 @@ from oneha.lab.model import (
     LabError,
     Step,
     Vm,
+    vm_demand,
 )
 from oneha.opennebula import ErrorCode, HostState, VmState
 
@@ -139,7 +140,11 @@ class CloudState:
         vm.template["AUTOMATIC_REQUIREMENTS"] = f"(CLUSTER_ID = {host.cluster_id}) & !(PUBLIC_CLOUD = YES) & " \
                                                 "!(PIN_POLICY = PINNED)"
         vm.history.append(History(len(vm.history), host.id, host.name, host.cluster_id, ds_id, now, tm_mad=tm_mad))
-        host.vm_ids.add(vm.id)
+        if vm.id not in host.vm_ids:
+            # CPU_USAGE / MEM_USAGE: oned adds a VM's capacity when it is deployed on the host and frees it when it
+            # leaves (`add_capacity` / `del_capacity`, src/lcm); a VM's CPU and MEMORY never change in the lab.
+            host.used = _plus(host.used, vm_demand(vm), 1)
+            host.vm_ids.add(vm.id)
         self._touch_host(host)
         self._touch_vm(vm)
 
@@ -162,6 +167,7 @@ class CloudState:
             host = self.hosts.get(vm.history[-1].hid)
             if host is not None and vm.id in host.vm_ids:
                 host.vm_ids.discard(vm.id)
+                host.used = _plus(host.used, vm_demand(vm), -1)
                 self._touch_host(host)
 
     def _start_plan(self, vm: Vm, steps: Iterable[tuple[VmState, str]], first_now: bool = True) -> None:
@@ -211,3 +217,7 @@ class CloudState:
         self.lcm_ignored += 1
         return True
 
+
+
+def _plus(a: tuple[int, int], b: tuple[int, int], sign: int) -> tuple[int, int]:
+    return a[0] + sign * b[0], a[1] + sign * b[1]

@@ -313,7 +313,7 @@ class Timelines:
         best: tuple[int, int, int] | None = None
         for host in self.cloud.hosts.values():
             n, cpu, mem = planned.get(host.id, (0, 0, 0))
-            if host.state != HostState.MONITORED or not fits(self.cloud.vms, host, vm, (cpu, mem)) or (strict and (
+            if host.state != HostState.MONITORED or not fits(host, vm, (cpu, mem)) or (strict and (
                     host.cluster_id != cluster or host.id == vm.hid)):
                 continue
             key = (0 if cluster is None or host.cluster_id == cluster else 1, len(host.vm_ids) + n, host.id)

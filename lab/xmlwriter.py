@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from oneha.lab.model import host_max, host_usage
+from oneha.lab.model import host_max
 from oneha.opennebula import VmState
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def host_xml(cloud: CloudState, host: Host) -> str:
 def _host(cloud: CloudState, host: Host) -> str:
     ds_id = cloud.cluster_ds.get(host.cluster_id, 0)
     running = sum(1 for v in host.vm_ids if cloud.vms[v].state == VmState.ACTIVE)
-    (max_cpu, max_mem), (cpu, mem) = host_max(host), host_usage(cloud.vms, host)
+    (max_cpu, max_mem), (cpu, mem) = host_max(host), host.used
     share = (f"<HOST_SHARE><MEM_USAGE>{mem}</MEM_USAGE><CPU_USAGE>{cpu}</CPU_USAGE>"
              f"<TOTAL_MEM>{max_mem}</TOTAL_MEM><TOTAL_CPU>{max_cpu}</TOTAL_CPU>"
              f"<MAX_MEM>{max_mem}</MAX_MEM><MAX_CPU>{max_cpu}</MAX_CPU>"
