@@ -307,3 +307,32 @@ def test_reservations_keep_parallel_placements_within_the_room_oned_showed(redis
     assert reserve(flow, c, room, (200, 2 * 524288), time.time() + 1)  # a read newer than both: oned counts them
     unreserve(flow, b, 5)
     assert reserved_since(flow, [5], read_at) == {5: (200, 2 * 524288)}  # a and c
+
+
+def test_lab_deploy_follows_oned() -> None:
+    """`one.vm.deploy` in the lab as in VirtualMachineAPI.cc / HostShare.cc: PENDING/HOLD/STOPPED/UNDEPLOYED only,
+    never onto an OFFLINE host (any other state is accepted), enforce = a CPU/memory check; every deploy logged."""
+    from tests.labkit import LabCallError
+
+    with running_lab(hosts=3, capacity=2, profile=held_scheduler(60.0)) as lab:
+        url = lab.rpc_url
+        running = call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"})
+        big = call(url, "lab.vm.create", {"STATE": "PENDING", "CPU": "1.5"})
+        small = [call(url, "lab.vm.create", {"STATE": "PENDING"}) for _ in range(2)]
+        with pytest.raises(LabCallError) as refused:
+            call(url, "one.vm.deploy", running, 2, True, -1)
+        assert refused.value.code == 0x800  # not PENDING: the scheduler (or anyone) placed it first
+        call(url, "one.host.status", 2, 2)  # OFFLINE
+        with pytest.raises(LabCallError, match="offline"):
+            call(url, "one.vm.deploy", small[0], 2, False, -1)
+        call(url, "one.host.status", 0, 1)  # DISABLED: oned accepts it (oneha itself only picks MONITORED hosts)
+        call(url, "one.vm.deploy", small[0], 0, True, -1)
+        with pytest.raises(LabCallError, match="does not fit"):  # host 1: 1 of 2 slots used, 1.5 CPU asked
+            call(url, "one.vm.deploy", big, 1, True, -1)
+        call(url, "one.vm.deploy", big, 1, False, -1)  # without enforce: no check
+        calls = call(url, "lab.calls")
+        assert [(c["vm"], c["host"], bool(c["error"]), c["by"]) for c in calls] == [
+            (running, 2, True, "api"), (small[0], 2, True, "api"), (small[0], 0, False, "api"),
+            (big, 1, True, "api"), (big, 1, False, "api")]
+        share = host_share(url)[1]
+        assert share.cpu_usage == 250 and share.max_cpu == 200  # over capacity: only enforce prevents it
