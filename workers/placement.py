@@ -201,10 +201,10 @@ def wants_placement(vm: VmView | None, policy: ClusterPolicy) -> bool:
     return vm.state == VmState.PENDING or (vm.state == VmState.ACTIVE and vm.lcm_state == LcmState.CLEANUP_RESUBMIT)
 
 
-def place_vm(flow: Flow, vm_id: int, failed_host_id: int) -> dict[str, object]:
-    """Deploy a PENDING VM of a failed host; the fields it adds to the VM's record. Never raises for oned's
-    refusals: the VM then stays PENDING for the scheduler."""
-    seen = wait_pending(flow, vm_id, flow.rt.settings.worker.placement_wait_s)
+def place_vm(flow: Flow, vm_id: int, failed_host_id: int, wait_s: float) -> dict[str, object]:
+    """Deploy a PENDING VM of a failed host (waiting up to `wait_s` for it to be PENDING); the fields it adds to the
+    VM's record. Never raises for oned's refusals: the VM then stays PENDING for the scheduler."""
+    seen = wait_pending(flow, vm_id, wait_s)
     if seen is None or seen.state != VmState.PENDING:
         return _by_scheduler(flow, vm_id, f"not PENDING: {seen.state_name if seen else 'gone or still cleaning up'}",
                              seen)

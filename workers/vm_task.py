@@ -123,7 +123,9 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
     outcome = outcome_of(end, started)
     if end.result is Result.RECOVERED and wants_placement(end.vm, policy):
         try:
-            outcome.placement = place_vm(flow, vm_id, host_id)
+            # within the task's time budget (the loop's deadline): what is left of it when the loop ended
+            wait_s = min(flow.rt.settings.worker.placement_wait_s, st.deadline - time.monotonic())
+            outcome.placement = place_vm(flow, vm_id, host_id, max(0.1, wait_s))
         except OnedError as exc:  # the VM is off the host and PENDING: the scheduler is the backstop
             detail = f"placement failed: {exc}"
             flow.rt.hooks.placement(flow, vm_id, "scheduler", None, detail)
