@@ -47,6 +47,7 @@ from oneha.lab.model import (
     L,
     LabError,
     Vm,
+    fits,
 )
 from oneha.lab.state import CloudState
 from oneha.opennebula import ErrorCode, HostState, RecoverOp, VmState
@@ -104,6 +105,7 @@ class Cloud(CloudState):
                 user[str(key)] = str(value)
             vm = Vm(vid, str(spec.get("NAME") or f"vm{vid}"), VmState.PENDING, L("LCM_INIT"), int(time.time()),
                     user, {"CPU": "1", "MEMORY": "512", "VCPU": "1", "VMID": str(vid)})
+            _template_from_spec(vm, spec)
             self.vms[vid] = vm
             if state in ("PENDING", "HOLD"):
                 self._set(vm, VmState[state], L("LCM_INIT"), emit)
@@ -179,20 +181,38 @@ class Cloud(CloudState):
             lifecycle.migrate_to(self, vm, host, live=live and vm.lcm == L("RUNNING"),
                              action=ACT_LIVE_MIGRATE if live else ACT_MIGRATE)
 
-    def vm_deploy(self, vid: int, hid: int) -> None:
+    def vm_deploy(self, vid: int, hid: int, enforce: bool = False, by: str = "api") -> None:
+        """`one.vm.deploy` (`VirtualMachineAPI::deploy`, src/rm/api/VirtualMachineAPI.cc): from PENDING, HOLD,
+        STOPPED or UNDEPLOYED only (:594-602), onto any host but an OFFLINE one (`get_host_information`,
+        :4160-4165), with `enforce` a CPU and memory check of the host share (`check_host` :4276-4315,
+        `HostShare::test_compute`) — a check, not a reservation: the capacity is only added when the VM is placed,
+        so two deploys checked before either is placed can both pass (oned: the LCM thread adds it later). No
+        SCHED_REQUIREMENTS or VM-group check (the scheduler's job). Then `DispatchManager::deploy`
+        (src/dm/DispatchManagerActions.cc): ACTIVE at once and the LCM's prolog + boot on the driver threads,
+        bypassing the scheduler's window and plan. Every deploy is written to the deploy log (`lab.deploys`)."""
         with self.lock:
-            vm = self.get_vm(vid)
-            host = self.get_host(hid)
-            if vm.state not in (VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED):
-                raise LabError(ErrorCode.ACTION, "Error performing action \"deploy\": This action is not "
-                                                 f"available for state {vm.state_name()}", vid)
-            _usable_target(host, vid)
-            self.pending.discard(vid)
-            self._open_history(vm, host, ACT_NONE)
-            # Any other host state is accepted (ERROR, DISABLED, INIT; MONITORED but dead): the deployment then
-            # fails there (`lifecycle.step_failure`: PROLOG_FAILURE).
-            self._start_plan(vm, [(VmState.ACTIVE, "PROLOG"), (VmState.ACTIVE, "BOOT"),
-                                  (VmState.ACTIVE, "RUNNING")])
+            try:
+                self._deploy(self.get_vm(vid), self.get_host(hid), enforce)
+            except LabError as exc:
+                self._log_call(by, "deploy", vid, hid, exc.message)
+                raise
+            self._log_call(by, "deploy", vid, hid, "")
+
+    def _deploy(self, vm: Vm, host: Host, enforce: bool) -> None:
+        if vm.state not in (VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED):
+            raise LabError(ErrorCode.ACTION, f"Deploy action is not available for state {vm.state.name}", vm.id)
+        _usable_target(host, vm.id)
+        if enforce and not fits(host, vm):
+            raise LabError(ErrorCode.ACTION, f"VM [{vm.id}] does not fit in HOST [{host.id}].", vm.id)
+        self.pending.discard(vm.id)
+        self._open_history(vm, host, ACT_NONE)
+        # Any other host state is accepted (ERROR, DISABLED, INIT; MONITORED but dead): the deployment then
+        # fails there (`lifecycle.step_failure`: PROLOG_FAILURE).
+        self._start_plan(vm, [(VmState.ACTIVE, "PROLOG"), (VmState.ACTIVE, "BOOT"), (VmState.ACTIVE, "RUNNING")])
+
+    def calls_since(self, since: float = 0.0) -> list[dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.calls if c["t"] >= since]
 
     def host_status(self, hid: int, status: int) -> None:
         """`one.host.status` as `HostAPI::status` (src/rm/api/HostAPI.cc): the host's state only, no VM touched;
@@ -299,3 +319,15 @@ def _usable_target(host: Host, vid: int) -> None:
     """`one.vm.deploy`/`migrate` refuse only an OFFLINE target (`VirtualMachineAPI.cc`, `get_host_information`)."""
     if host.state == HostState.OFFLINE:
         raise LabError(ErrorCode.ACTION, "Host is offline, cannot use it to deploy VM", vid)
+
+def _template_from_spec(vm: Vm, spec: dict[str, Any]) -> None:
+    """`lab.vm.create`'s CPU and MEMORY, and its TEMPLATE struct: scalar attributes, and structs as vector
+    attributes (VMGROUP, PCI, TOPOLOGY…), shown in the VM's full and extended bodies."""
+    for key in ("CPU", "MEMORY"):
+        if key in spec:
+            vm.template[key] = str(spec[key])
+    for key, value in (spec.get("TEMPLATE") or {}).items():
+        if isinstance(value, dict):
+            vm.vectors[str(key)] = {str(k): str(v) for k, v in value.items()}
+        else:
+            vm.template[str(key)] = str(value)

@@ -98,6 +98,7 @@ class Host:
     # `Host::offline` (src/host/Host.cc) wipes TOTAL/MAX CPU and MEMORY (`HostShare::reset_capacity`,
     # include/HostShare.h); only a successful monitor report fills them in again.
     wiped: bool = False
+    used: tuple[int, int] = (0, 0)  # CPU_USAGE, MEM_USAGE of the VMs in vm_ids (kept with it: `CloudState`)
     xml_cache: str | None = None
 
 
@@ -126,6 +127,7 @@ class Vm:
     plan: list[Step] = field(default_factory=list)
     next_at: float = 0.0
     sticky_fail: Any = None  # an LcmState *_FAILURE every later pass through its stage ends in
+    vectors: dict[str, dict[str, str]] = field(default_factory=dict)  # TEMPLATE vector attributes (VMGROUP, PCI…)
     running_since: float = 0.0  # clock() when it last entered RUNNING (history RSTIME: the monitor's guard)
     xml_full: str | None = None
     xml_short: str | None = None
@@ -155,6 +157,34 @@ BOOT_FALLBACK = {"BOOT_UNKNOWN": "UNKNOWN", "BOOT_POWEROFF": "POWEROFF", "BOOT_S
 # Failure state -> the stage `recover 2` (retry) re-runs and the step `recover 1` (success) jumps to.
 RETRY_STAGE = STAGE_OF_FAILURE | {"PROLOG_MIGRATE_POWEROFF_FAILURE": "PROLOG_MIGRATE_POWEROFF",
                                   "PROLOG_MIGRATE_SUSPEND_FAILURE": "PROLOG_MIGRATE_SUSPEND"}
+
+
+# Host share units (`include/HostShareCapacity.h`: cpu = CPU x 100, mem = MEMORY x 1024, in KB). A lab host's
+# `capacity` counts VMs of the default size (CPU 1, MEMORY 512 MB).
+CPU_PER_SLOT, MEM_KB_PER_SLOT = 100, 512 * 1024
+
+
+def vm_demand(vm: Vm) -> tuple[int, int]:
+    """(cpu, mem KB) the VM takes from a host's share: `VirtualMachine::get_capacity` (src/vm/VirtualMachine.cc)."""
+    try:
+        cpu = int(float(vm.template.get("CPU") or 1) * 100)
+        mem = int(float(vm.template.get("MEMORY") or 512)) * 1024
+    except ValueError:
+        return CPU_PER_SLOT, MEM_KB_PER_SLOT
+    return cpu, mem
+
+
+def host_max(host: Host) -> tuple[int, int]:
+    """MAX_CPU, MAX_MEM; zero once OFFLINE wiped them (`Host::offline`, `HostShare::reset_capacity`)."""
+    if host.wiped:
+        return 0, 0
+    return host.capacity * CPU_PER_SLOT, host.capacity * MEM_KB_PER_SLOT
+
+
+def fits(host: Host, vm: Vm, planned: tuple[int, int] = (0, 0)) -> bool:
+    """`HostShare::test_compute` (src/host/HostShare.cc): MAX - USAGE >= what the VM asks, for CPU and memory."""
+    (max_cpu, max_mem), (cpu, mem), (need_cpu, need_mem) = host_max(host), host.used, vm_demand(vm)
+    return max_cpu - cpu - planned[0] >= need_cpu and max_mem - mem - planned[1] >= need_mem
 
 
 def as_int(value: Any, what: str) -> int:

@@ -60,6 +60,7 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "lab.vm.create": ((dict,), ()),
     "lab.faults": ((), (dict,)),
     "lab.oracle": ((), (float,)),
+    "lab.deploys": ((), (float,)),  # the log of deploys: [{t, by: api|scheduler, call, vm, host, error}]
     "lab.stats": ((), (bool,)),
     "lab.calls": ((), (bool,)),
 }
@@ -199,7 +200,7 @@ class LabRpc:
             "one.vm.action": _ack(lambda action, vid: cloud.vm_action(action, vid), "vid"),
             "one.vm.recover": _ack(lambda vid, op: cloud.vm_recover(vid, op), "vid"),
             "one.vm.migrate": _ack(lambda vid, hid, live, *_: cloud.vm_migrate(vid, hid, live), "vid"),
-            "one.vm.deploy": _ack(lambda vid, hid, *_: cloud.vm_deploy(vid, hid), "vid"),
+            "one.vm.deploy": _ack(lambda vid, hid, enforce=False, *_: cloud.vm_deploy(vid, hid, enforce), "vid"),
             "one.datastorepool.info": self.datastorepool_info, "one.clusterpool.info": self.clusterpool_info,
             "one.system.version": lambda: ONED_VERSION, "one.system.config": self.system_config,
             "lab.host.kill": _ack(lambda hid: cloud.host_kill(hid), "hid"),
@@ -215,6 +216,7 @@ class LabRpc:
             "lab.vm.create": cloud.create_vm, "lab.faults": self.set_faults,
             "lab.oracle": lambda since=0.0: cloud.oracle(since), "lab.stats": self.get_stats,
             "lab.calls": lambda reset=False: self.stats.call_log(reset),
+            "lab.deploys": lambda since=0.0: cloud.calls_since(since),
         }
 
     # -- dispatch ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from oneha.lab.lifecycle import migrate_to
-from oneha.lab.model import ACT_MIGRATE, ACT_NONE, Host, LabError, Vm, as_int
+from oneha.lab.model import ACT_MIGRATE, ACT_NONE, Host, LabError, Vm, as_int, fits
 from oneha.lab.state import CloudState
 from oneha.opennebula import ErrorCode, HostState, VmState
 
@@ -38,6 +38,7 @@ def dispatch(c: CloudState, vm: Vm) -> None:
     c.pending.discard(vm.id)
     c._open_history(vm, host, ACT_NONE)
     c._start_plan(vm, [(VmState.ACTIVE, "PROLOG"), (VmState.ACTIVE, "BOOT"), (VmState.ACTIVE, "RUNNING")])
+    c._log_call("scheduler", "deploy", vm.id, host.id, "")
 
 
 def dispatch_resched(c: CloudState, vm: Vm) -> None:
@@ -52,11 +53,12 @@ def dispatch_resched(c: CloudState, vm: Vm) -> None:
 
 
 def choose_host(c: CloudState, vm: Vm, exclude: int | None, cluster: int | None, strict: bool = False) -> Host | None:
-    """Least-loaded MONITORED host with room; same cluster preferred (required when strict)."""
+    """Least-loaded MONITORED host with room (CPU and memory, `fits`); same cluster preferred (required when
+    strict)."""
     best: Host | None = None
     best_key: tuple[int, int, int] | None = None
     for host in c.hosts.values():
-        if host.state != HostState.MONITORED or host.id == exclude or len(host.vm_ids) >= host.capacity:
+        if host.state != HostState.MONITORED or host.id == exclude or not fits(host, vm):
             continue
         if strict and host.cluster_id != cluster:
             continue  # resched keeps the VM on its system datastore, i.e. in its cluster

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from oneha.lab.model import (
     LabError,
     Step,
     Vm,
+    vm_demand,
 )
 from oneha.opennebula import ErrorCode, HostState, VmState
 
@@ -64,6 +66,7 @@ class CloudState:
         self.busy: set[int] = set()  # VMs with a non-empty plan (so tick() does not scan 20,000 VMs)
         self.pending: set[int] = set()  # PENDING VMs and resched'ed VMs, for the scheduler
         self.timeline: list[tuple[float, str, int, str]] = []
+        self.calls: deque[dict[str, Any]] = deque(maxlen=100_000)  # the call log of placements (`_log_call`)
         self.timing: Timelines | None = None  # issue 12: oned's own timelines (lab/timeline.py); None = immediate
         self.sink: EventSink | None = None
         self.next_vm_id = 0
@@ -111,6 +114,11 @@ class CloudState:
         if self.sink is not None:
             self.sink("HOST", host.id, state.name, None, host.name, self.xml.host_xml(self, host), None)
 
+    def _log_call(self, by: str, what: str, vid: int, hid: int, error: str) -> None:
+        """The call log: who placed which VM where ("api": an XML-RPC client such as oneha; "scheduler": the
+        lab's own scheduler, in either profile), and oned's error when it refused."""
+        self.calls.append({"t": time.time(), "by": by, "call": what, "vm": vid, "host": hid, "error": error})
+
     def _record(self, kind: str, oid: int, name: str, emit: bool) -> None:
         self.timeline.append((time.time(), kind, oid, name))
 
@@ -133,7 +141,11 @@ class CloudState:
         vm.template["AUTOMATIC_REQUIREMENTS"] = f"(CLUSTER_ID = {host.cluster_id}) & !(PUBLIC_CLOUD = YES) & " \
                                                 "!(PIN_POLICY = PINNED)"
         vm.history.append(History(len(vm.history), host.id, host.name, host.cluster_id, ds_id, now, tm_mad=tm_mad))
-        host.vm_ids.add(vm.id)
+        if vm.id not in host.vm_ids:
+            # CPU_USAGE / MEM_USAGE: oned adds a VM's capacity when it is deployed on the host and frees it when it
+            # leaves (`add_capacity` / `del_capacity`, src/lcm); a VM's CPU and MEMORY never change in the lab.
+            host.used = _plus(host.used, vm_demand(vm), 1)
+            host.vm_ids.add(vm.id)
         self._touch_host(host)
         self._touch_vm(vm)
 
@@ -156,6 +168,7 @@ class CloudState:
             host = self.hosts.get(vm.history[-1].hid)
             if host is not None and vm.id in host.vm_ids:
                 host.vm_ids.discard(vm.id)
+                host.used = _plus(host.used, vm_demand(vm), -1)
                 self._touch_host(host)
 
     def _start_plan(self, vm: Vm, steps: Iterable[tuple[VmState, str]], first_now: bool = True) -> None:
@@ -205,3 +218,7 @@ class CloudState:
         self.lcm_ignored += 1
         return True
 
+
+
+def _plus(a: tuple[int, int], b: tuple[int, int], sign: int) -> tuple[int, int]:
+    return a[0] + sign * b[0], a[1] + sign * b[1]

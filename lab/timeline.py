@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from oneha.lab import lifecycle, monitor
-from oneha.lab.model import ACTION_NUMBERS, POWER_ON, LabError
+from oneha.lab.model import ACTION_NUMBERS, POWER_ON, LabError, fits, vm_demand
 from oneha.opennebula import HostState, VmState
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ class Timelines:
 
     def _compute_plan(self) -> list[Action]:
         """One action per pending VM that fits somewhere: least-loaded MONITORED host, planned VMs counted."""
-        planned: dict[int, int] = {}
+        planned: dict[int, tuple[int, int, int]] = {}  # host -> (VMs, cpu, mem) planned on it
         actions = []
         for vid in sorted(self.cloud.pending):
             vm = self.cloud.vms[vid]
@@ -311,20 +311,22 @@ class Timelines:
                 continue
             host = self._choose(vm, planned, strict=migrate)
             if host is not None:
-                planned[host] = planned.get(host, 0) + 1
+                n, cpu, mem = planned.get(host, (0, 0, 0))
+                need_cpu, need_mem = vm_demand(vm)
+                planned[host] = (n + 1, cpu + need_cpu, mem + need_mem)
                 actions.append(Action(vid, host, migrate))
         return actions
 
-    def _choose(self, vm: Vm, planned: dict[int, int], strict: bool) -> int | None:
+    def _choose(self, vm: Vm, planned: dict[int, tuple[int, int, int]], strict: bool) -> int | None:
         old = self.cloud.hosts.get(vm.hid) if vm.hid is not None else None
         cluster = old.cluster_id if old is not None else None
         best: tuple[int, int, int] | None = None
         for host in self.cloud.hosts.values():
-            load = len(host.vm_ids) + planned.get(host.id, 0)
-            if host.state != HostState.MONITORED or load >= host.capacity or (strict and (
+            n, cpu, mem = planned.get(host.id, (0, 0, 0))
+            if host.state != HostState.MONITORED or not fits(host, vm, (cpu, mem)) or (strict and (
                     host.cluster_id != cluster or host.id == vm.hid)):
                 continue
-            key = (0 if cluster is None or host.cluster_id == cluster else 1, load, host.id)
+            key = (0 if cluster is None or host.cluster_id == cluster else 1, len(host.vm_ids) + n, host.id)
             best = key if best is None or key < best else best
         return best[2] if best is not None else None
 
@@ -376,8 +378,8 @@ class Timelines:
         elif a.migrate:
             ok = False  # no longer rescheduled, or busy: the migrate call fails
         else:
-            try:
-                self.cloud.vm_deploy(a.vm_id, a.host_id)
+            try:  # a plan deploys with enforce on (PlanManager.cc); an ACTION error marks the action ERROR
+                self.cloud.vm_deploy(a.vm_id, a.host_id, enforce=True, by="scheduler")
             except LabError:
                 ok = False
         a.state = "APPLYING" if ok else "ERROR"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from oneha.lab.model import host_max
 from oneha.opennebula import VmState
 
 if TYPE_CHECKING:
@@ -64,10 +65,10 @@ def host_xml(cloud: CloudState, host: Host) -> str:
 def _host(cloud: CloudState, host: Host) -> str:
     ds_id = cloud.cluster_ds.get(host.cluster_id, 0)
     running = sum(1 for v in host.vm_ids if cloud.vms[v].state == VmState.ACTIVE)
-    capacity = 0 if host.wiped else host.capacity  # OFFLINE wiped it (`HostShare::reset_capacity`)
-    share = (f"<HOST_SHARE><MEM_USAGE>{running * 524288}</MEM_USAGE><CPU_USAGE>{running * 100}</CPU_USAGE>"
-             f"<TOTAL_MEM>{capacity * 524288}</TOTAL_MEM><TOTAL_CPU>{capacity * 100}</TOTAL_CPU>"
-             f"<MAX_MEM>{capacity * 524288}</MAX_MEM><MAX_CPU>{capacity * 100}</MAX_CPU>"
+    (max_cpu, max_mem), (cpu, mem) = host_max(host), host.used
+    share = (f"<HOST_SHARE><MEM_USAGE>{mem}</MEM_USAGE><CPU_USAGE>{cpu}</CPU_USAGE>"
+             f"<TOTAL_MEM>{max_mem}</TOTAL_MEM><TOTAL_CPU>{max_cpu}</TOTAL_CPU>"
+             f"<MAX_MEM>{max_mem}</MAX_MEM><MAX_CPU>{max_cpu}</MAX_CPU>"
              f"<RUNNING_VMS>{running}</RUNNING_VMS><VMS_THREAD>{running}</VMS_THREAD>"
              f"<DATASTORES><DISK_USAGE>0</DISK_USAGE><DS><FREE_MB>900000</FREE_MB><ID>{ds_id}</ID>"
              "<TOTAL_MB>1000000</TOTAL_MB><USED_MB>100000</USED_MB></DS><FREE_DISK>900000</FREE_DISK>"
@@ -135,9 +136,18 @@ def _vm_full(vm: Vm, records: list[History]) -> str:
     # oned keeps template attributes in a std::multimap: written in name order (vm.xsd's TEMPLATE is a sequence in
     # that order)
     tmpl, user = dict(sorted(vm.template.items())), dict(sorted(vm.user_template.items()))
-    return (f"<VM>{_vm_head(vm, True)}<MONITORING/><SCHED_ACTIONS/>{template('TEMPLATE', tmpl)}"
+    return (f"<VM>{_vm_head(vm, True)}<MONITORING/><SCHED_ACTIONS/>{_vm_template(tmpl, vm.vectors)}"
             f"{template('USER_TEMPLATE', user)}<HISTORY_RECORDS>{history}</HISTORY_RECORDS>"
             "<BACKUPS><BACKUP_CONFIG/><BACKUP_IDS/></BACKUPS></VM>")
+
+
+def _vm_template(values: dict[str, str], vectors: dict[str, dict[str, str]]) -> str:
+    """The TEMPLATE with its vector attributes (VMGROUP, PCI, TOPOLOGY…), all in name order as oned keeps them."""
+    items = [(k, esc(v) if v != "" else None) for k, v in values.items() if _tag_ok(k)]
+    items += [(k, "".join(f"<{a}>{esc(b)}</{a}>" for a, b in sorted(sub.items()) if _tag_ok(a)))
+              for k, sub in vectors.items() if _tag_ok(k)]
+    inner = "".join(f"<{k}>{v}</{k}>" if v is not None else f"<{k}/>" for k, v in sorted(items))
+    return f"<TEMPLATE>{inner}</TEMPLATE>"
 
 
 def _vm_short(vm: Vm) -> str:

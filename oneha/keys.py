@@ -90,6 +90,11 @@ class Keys:
         """String: the last time (epoch s) a worker started a task from the VM queue (is the queue moving?)."""
         return f"{self.prefix}:vm_queue:moving"
 
+    def placement_reserved(self, host_id: int) -> str:
+        """Sorted set: room oneha took on a host for VMs it deploys there, "vm:cpu:mem" scored by when (epoch s);
+        kept worker.placement_reservation_s (workers/placement.py)."""
+        return f"{self.prefix}:placement:host:{host_id}"
+
     @property
     def host_failures(self) -> str:
         """Sorted set: recent host failures scored by time (storm guard)."""

@@ -13,7 +13,7 @@ import binascii
 import re
 import threading
 import xmlrpc.client
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, TypeAlias
@@ -195,6 +195,20 @@ class HostView:
     cluster_id: int
     vm_ids: tuple[int, ...] = ()
     template: Mapping[str, str] = field(default_factory=dict)
+    # HOST_SHARE (`HostShare::to_xml`, src/host/HostShare.cc): CPU in percent of a core (x100), memory in KB.
+    # MAX_* already leave out RESERVED_CPU/MEM; USAGE is what oned has allocated to the VMs placed there.
+    max_cpu: int = 0
+    cpu_usage: int = 0
+    max_mem: int = 0
+    mem_usage: int = 0
+
+    @property
+    def free_cpu(self) -> int:
+        return self.max_cpu - self.cpu_usage
+
+    @property
+    def free_mem(self) -> int:
+        return self.max_mem - self.mem_usage
 
     @property
     def failed(self) -> bool:
@@ -215,6 +229,7 @@ class HostView:
             cluster_id=_int(host.findtext("CLUSTER_ID")),
             vm_ids=ids,
             template=_flat_template(host.find("TEMPLATE")),
+            **_share(lambda name: host.findtext(f"HOST_SHARE/{name}")),
         )
 
     @classmethod
@@ -228,6 +243,7 @@ class HostView:
             cluster_id=_int(str(host.CLUSTER_ID)),
             vm_ids=ids,
             template=_flat_dict(getattr(host, "TEMPLATE", None)),
+            **_share(lambda name: _text(getattr(getattr(host, "HOST_SHARE", None), name, None))),
         )
 
 
@@ -255,6 +271,28 @@ class VmView:
     resched: bool = False
     user_template: Mapping[str, str] = field(default_factory=dict)
     history_action: int = -1  # ACTION of the last history record (`include/VMActions.h` numbers)
+    # TEMPLATE: its scalar attributes (CPU, MEMORY…), the names of its vector attributes (VMGROUP, PCI, TOPOLOGY,
+    # NUMA_NODE, DISK…) and TOPOLOGY/PIN_POLICY. The short pool body has CPU/MEMORY/VCPU only: decisions that
+    # depend on vectors need the whole body (`one.vm.info` or an extended pool read).
+    template: Mapping[str, str] = field(default_factory=dict)
+    template_vectors: frozenset[str] = frozenset()
+    pin_policy: str = ""
+
+    @property
+    def cpu(self) -> int:
+        """What the VM takes from a host's CPU_USAGE: CPU x 100 (`include/HostShareCapacity.h`)."""
+        try:
+            return int(float(self.template.get("CPU") or 0) * 100)
+        except ValueError:
+            return 0
+
+    @property
+    def mem(self) -> int:
+        """What the VM takes from a host's MEM_USAGE, in KB: MEMORY (MB) x 1024 (`include/HostShareCapacity.h`)."""
+        try:
+            return int(float(self.template.get("MEMORY") or 0)) * 1024
+        except ValueError:
+            return 0
 
     @property
     def ha_opt_out(self) -> bool:
@@ -292,6 +330,9 @@ class VmView:
             history_action=_int(last.findtext("ACTION")) if last is not None else -1,
             resched=vm.findtext("RESCHED") == "1",
             user_template=_flat_template(vm.find("USER_TEMPLATE")),
+            template=_flat_template(vm.find("TEMPLATE")),
+            template_vectors=_vector_names(vm.find("TEMPLATE")),
+            pin_policy=(vm.findtext("TEMPLATE/TOPOLOGY/PIN_POLICY") or "").strip(),
         )
 
     @classmethod
@@ -311,6 +352,7 @@ class VmView:
             history_action=_int(str(getattr(last, "ACTION", ""))) if last is not None else -1,
             resched=str(getattr(vm, "RESCHED", "0")) == "1",
             user_template=_flat_dict(getattr(vm, "USER_TEMPLATE", None)),
+            **_pyone_template(getattr(vm, "TEMPLATE", None)),
         )
 
 
@@ -340,6 +382,29 @@ def _flat_template(elem: XmlElement | None) -> dict[str, str]:
     if elem is None:
         return {}
     return {child.tag: (child.text or "").strip() for child in elem if len(child) == 0}
+
+
+def _vector_names(elem: XmlElement | None) -> frozenset[str]:
+    return frozenset() if elem is None else frozenset(child.tag for child in elem if len(child) > 0)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _share(get: Callable[[str], str | None]) -> dict[str, int]:
+    return {"max_cpu": _int(get("MAX_CPU"), 0), "cpu_usage": _int(get("CPU_USAGE"), 0),
+            "max_mem": _int(get("MAX_MEM"), 0), "mem_usage": _int(get("MEM_USAGE"), 0)}
+
+
+def _pyone_template(value: Any) -> dict[str, Any]:
+    """pyone gives TEMPLATE as a dict: vectors are dicts (a list of them when repeated)."""
+    if not isinstance(value, Mapping):
+        return {}
+    vectors = frozenset(str(k) for k, v in value.items() if isinstance(v, Mapping | list))
+    topology = value.get("TOPOLOGY")
+    pin = topology.get("PIN_POLICY") if isinstance(topology, Mapping) else None
+    return {"template": _flat_dict(value), "template_vectors": vectors, "pin_policy": str(pin or "").strip()}
 
 
 def _flat_dict(value: Any) -> dict[str, str]:
@@ -693,6 +758,10 @@ class OnedClient:
 
     def host_status(self, host_id: int, status: HostStatus) -> None:
         self.server.host.status(host_id, int(status))
+
+    def vm_deploy(self, vm_id: int, host_id: int, enforce: bool, ds_id: int) -> None:
+        """`one.vm.deploy(id, host, enforce, ds)`: ds -1 = the cluster's default system datastore."""
+        self.server.vm.deploy(vm_id, host_id, enforce, ds_id)
 
     def shared_system_datastores(self) -> frozenset[int]:
         pool = self.server.datastorepool.info()

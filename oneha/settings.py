@@ -63,6 +63,12 @@ class ClusterPolicy(_Strict):
         "host_grace_s): resume boots it again, counted by the VM loop protection; off leaves it off. An operator's "
         "`onevm poweroff` is never undone. A guest that powers itself off looks the same to oned and is resumed too: "
         "set off (or HA = \"NO\" on the VM) where guests are expected to stay off. Waits vm_crash_grace_s."))
+    placement: Literal["oneha", "scheduler"] = Field("oneha", description=(
+        "Who places a VM of a failed host once it is PENDING again (host_action = recreate): oneha deploys it "
+        "itself (`one.vm.deploy`, capacity enforced) on a MONITORED host of its cluster with room, most free "
+        "first, without waiting for oned's scheduler window; a VM whose constraints oneha cannot evaluate exactly "
+        "(SCHED_REQUIREMENTS, SCHED_DS_REQUIREMENTS, VM groups, PCI devices, NUMA pinning) or that fits nowhere is "
+        "left to the scheduler. scheduler: oned's scheduler places every VM (the behaviour before issue 13)."))
 
 
 class ClusterOverride(_Strict):
@@ -81,6 +87,7 @@ class ClusterOverride(_Strict):
     vm_crash_action: VmCrashAction | None = None
     vm_crash_grace_s: float | None = Field(None, ge=0)
     vm_poweroff_action: VmPoweroffAction | None = None
+    placement: Literal["oneha", "scheduler"] | None = None
 
 
 class Policy(_Strict):
@@ -245,6 +252,14 @@ class WorkerSettings(_Strict):
         "VM to show UNKNOWN before it takes migrate_fallback instead (oned's probe of a dead host fails after "
         "about 15 s with the default IM_MAD -r 3 and an SSH that gives up in 3 s)."))
     vm_attempts: int = Field(3, ge=1, description="Attempts to recover one VM before it is reported failed.")
+    placement_wait_s: float = Field(60.0, gt=0, description=(
+        "placement = oneha: how long a VM task waits for its recreated VM to be PENDING (oned's cleanup on the "
+        "dead host runs first) before leaving it to oned's scheduler."))
+    placement_reservation_s: float = Field(30.0, gt=0, description=(
+        "placement = oneha: how long room oneha took on a host for a VM is kept off the host's free capacity "
+        "(one.vm.deploy's capacity check is not a reservation, and several workers place at once). Only "
+        "reservations newer than a host pool read minus 5 s are counted against that read (older ones oned "
+        "counts already); keep it well above the oned call time under load."))
     storm_max_share: float = Field(0.4, gt=0, le=1, description=(
         "Hold host incidents when more than this share of a cluster's hosts are in ERROR at once."))
     storm_max_hosts: int = Field(5, ge=1, description="...or more than this many hosts failed within storm_window_s.")

@@ -42,6 +42,8 @@ ONED_CALL_SECONDS = Histogram("oneha_oned_call_seconds", "oned XML-RPC call late
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 ONED_ERRORS = Counter("oneha_oned_errors_total", "oned call failures by kind", ["method", "kind"])
 FENCE = Counter("oneha_fence_total", "Fence outcomes", ["result"])
+PLACEMENTS = Counter("oneha_placements_total", "PENDING VMs of failed hosts by who placed them (oneha, or left to "
+                     "oned's scheduler)", ["by"])
 
 
 class Hooks:
@@ -79,6 +81,13 @@ class Hooks:
             flow.rt.store.audit_on(pipe, flow.incident.id, "vm", **fields)
         if result not in ("recovered", "skipped", "dry_run"):
             log.warning("incident %s: VM %s %s (%s)", flow.incident.id, vm_id, result, record.get("detail", ""))
+
+    def placement(self, flow: Flow, vm_id: int, by: str, host: int | None, reason: str) -> None:
+        """A recreated VM placed by oneha (its record and steps say where), or left to oned's scheduler: audited
+        with the reason (no room, constraints oneha does not evaluate, the scheduler was first)."""
+        PLACEMENTS.labels(by).inc()
+        if by != "oneha":
+            flow.rt.store.audit(flow.incident.id, "placement", vm=vm_id, by=by, host=host, reason=reason)
 
     def event(self, flow: Flow, event: str, **fields: Any) -> None:
         """An event a flow reports (`Flow.emit`): one audit entry, as the flow gave it."""

@@ -401,6 +401,9 @@ class OnedGateway:
     def host_status(self, host_id: int, status: HostStatus) -> None:
         self.call("one.host.status", lambda: self.client.host_status(host_id, status), mutating=True)
 
+    def vm_deploy(self, vm_id: int, host_id: int, enforce: bool = True, ds_id: int = -1) -> None:
+        self.call("one.vm.deploy", lambda: self.client.vm_deploy(vm_id, host_id, enforce, ds_id), vm_id=vm_id)
+
     def shared_system_datastores(self, max_age_s: float = 30.0) -> frozenset[int]:
         cached = self._shared_ds
         if cached is not None and time.monotonic() - cached[0] < max_age_s:

@@ -195,6 +195,15 @@ def resume_vm(flow: Flow, vm: VmView) -> bool:
     return _mutate(flow, vm, "resume", lambda: flow.rt.oned.vm_action("resume", vm.id))
 
 
+@step("deploy_vm")
+def deploy_vm(flow: Flow, vm: VmView, host_id: int) -> CallOutcome:
+    """`one.vm.deploy(vm, host, enforce=True, ds=-1)`: oned checks the host's CPU and memory (not a reservation).
+
+    Its refusal (ACTION: the scheduler placed the VM first, or the room went) is an outcome, not a failure."""
+    return run_call(flow, vm, "deploy", lambda: _mutate(
+        flow, vm, f"deploy on host {host_id}", lambda: flow.rt.oned.vm_deploy(vm.id, host_id, enforce=True, ds_id=-1)))
+
+
 ACTIONS = {Action.RECREATE: recreate_vm, Action.DELETE: delete_vm, Action.MIGRATE: migrate_vm,
            Action.RESUME: resume_vm}
 
@@ -206,13 +215,18 @@ def act(flow: Flow, vm: VmView, action: Action) -> CallOutcome:
     we wait until the call has ended (answered late, or its connection closed) and the caller re-reads the VM and
     decides again from what oned shows then, exactly as after a worker died right after acting.
     """
+    return run_call(flow, vm, action, lambda: ACTIONS[action](flow, vm))
+
+
+def run_call(flow: Flow, vm: VmView, what: str, step_fn: Callable[[], bool]) -> CallOutcome:
+    """`act` for any mutating step `step_fn` (True: made, False: dry run), e.g. a deploy onto a chosen host."""
     try:
-        return CallOutcome.DONE if ACTIONS[action](flow, vm) else CallOutcome.DRY_RUN
+        return CallOutcome.DONE if step_fn() else CallOutcome.DRY_RUN
     except OnedError as exc:
         if exc.kind is ErrorKind.UNKNOWN:
             log.warning("incident %s: %s on VM %s: outcome unknown (%s); re-reading before deciding again",
-                        flow.incident.id, action, vm.id, exc)
-            flow.emit("outcome_unknown", vm=vm.id, action=action)
+                        flow.incident.id, what, vm.id, exc)
+            flow.emit("outcome_unknown", vm=vm.id, action=what)
             flow.rt.oned.settle(vm.id)
             return CallOutcome.UNKNOWN
         if exc.kind is ErrorKind.WRONG_STATE:

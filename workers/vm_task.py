@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -25,6 +25,7 @@ from oneha.settings import ClusterPolicy
 from oneha.workers.lock import Lease
 from oneha.workers.oned import OnedError
 from oneha.workers.outcomes import OK_RESULTS, Action, Result
+from oneha.workers.placement import place_vm, wants_placement
 from oneha.workers.runtime import Flow, Paused, Runtime
 from oneha.workers.vm_loop import WAIT, Decision, LoopEnd, LoopState, Verdict, VmLoopKind, call, run_vm_loop, stop
 from oneha.workers.vm_steps import (
@@ -52,9 +53,11 @@ class VmOutcome:
     acted_at: float | None
     confirmed_at: float | None
     final_state: str = ""
+    placement: dict[str, object] = field(default_factory=dict)  # workers/placement.py: who placed it, where
 
     def record(self) -> dict[str, object]:
-        return {"action": self.action, "result": self.result, "attempts": self.attempts, "detail": self.detail,
+        return {**self.placement, "action": self.action, "result": self.result, "attempts": self.attempts,
+                "detail": self.detail,
                 "started_at": round(self.started_at, 3),
                 "acted_at": round(self.acted_at, 3) if self.acted_at else None,
                 "confirmed_at": round(self.confirmed_at, 3) if self.confirmed_at else None,
@@ -144,7 +147,17 @@ def recover_vm_of_host(flow: Flow, vm_id: int, host_id: int, policy: ClusterPoli
     started = time.time()
     st = LoopState(deadline=time.monotonic() + budget_s)
     end = run_vm_loop(flow, vm_id, HostVm(flow, host_id, policy), st)
-    return outcome_of(end, started)
+    outcome = outcome_of(end, started)
+    if end.result is Result.RECOVERED and wants_placement(end.vm, policy):
+        try:
+            # within the task's time budget (the loop's deadline): what is left of it when the loop ended
+            wait_s = min(flow.rt.settings.worker.placement_wait_s, st.deadline - time.monotonic())
+            outcome.placement = place_vm(flow, vm_id, host_id, max(0.1, wait_s))
+        except OnedError as exc:  # the VM is off the host and PENDING: the scheduler is the backstop
+            detail = f"placement failed: {exc}"
+            flow.rt.hooks.placement(flow, vm_id, "scheduler", None, detail)
+            outcome.placement = {"placement": "scheduler", "placement_detail": detail}
+    return outcome
 
 
 def outcome_of(end: LoopEnd, started: float) -> VmOutcome:
