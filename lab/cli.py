@@ -28,9 +28,11 @@ __all__ = ["DEFAULT_URL", "LabCallError", "lab", "lab_call"]  # lab_call, LabCal
 @click.option("--flower-port", default=5555, show_default=True, help="Flower port (a free one if taken).")
 @click.option("--redis-url", default=None, help="Use this Redis instead of starting a private one.")
 @click.option("--dry-run", is_flag=True, help="Workers decide and log, but change nothing in oned.")
+@click.option("--no-detection", is_flag=True, help="Without the hosts' management side and oneha's detectors "
+              "(oned's ERROR path only; also what runs where ports 22/443 of 127.50.x.y cannot be bound).")
 @click.pass_context
 def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, workers: int, port: int,
-        events_port: int, flower_port: int, redis_url: str | None, dry_run: bool) -> None:
+        events_port: int, flower_port: int, redis_url: str | None, dry_run: bool, no_detection: bool) -> None:
     """The lab: with no subcommand, a cloud healing itself — the lab cloud, Redis, the subscriber, workers and
     Flower, a scripted scenario of failures, and a summary. Subcommands run or poke the lab cloud alone."""
     if ctx.invoked_subcommand is not None:
@@ -41,7 +43,8 @@ def lab(ctx: click.Context, keep: bool, headless: bool, hosts: int, vms: int, wo
     from oneha.lab.stack import StackOptions
 
     main(StackOptions(hosts=hosts, vms=vms, workers=max(2, workers), port=port, events_port=events_port,
-                      flower_port=flower_port, redis_url=redis_url, dry_run=dry_run), keep, headless)
+                      flower_port=flower_port, redis_url=redis_url, dry_run=dry_run, detection=not no_detection),
+         keep, headless)
 
 
 @lab.command()

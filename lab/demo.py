@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
 from types import FrameType
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -58,23 +60,45 @@ def _play(stack: Stack, headless: bool, console: Console) -> Summary:
 
 
 def _view(stack: Stack, scenario: Scenario, log: deque[str]) -> Group:
-    return Group(_hosts_table(stack), _incidents_table(scenario.store), Panel("\n".join(log) or "starting…",
-                                                                                title="scenario"))
+    detected = _detector_states(scenario.store) if stack.detection else None
+    return Group(_hosts_table(stack, detected), _incidents_table(scenario.store),
+                 Panel("\n".join(log) or "starting…", title="scenario"))
 
 
-def _hosts_table(stack: Stack) -> Table:
+def _detector_states(store: IncidentStore) -> dict[int, dict[str, Any]]:
+    """What the detectors say of each host (oneha/detect/states.py: absent = ok)."""
+    raw = store.r.hgetall(store.keys.detect_states)
+    return {int(k): json.loads(v) for k, v in raw.items()}
+
+
+def _hosts_table(stack: Stack, detected: dict[int, dict[str, Any]] | None = None) -> Table:
     assert stack.lab is not None
     cloud = stack.lab.cloud
     table = Table(title="lab cloud: hosts", expand=True)
-    for col in ("host", "cluster", "state", "power", "VMs (oned)", "VMs really running"):
+    columns = ["host", "cluster", "state (oned)", "power", "VMs (oned)", "VMs really running"]
+    for col in columns + (["detector"] if detected is not None else []):
         table.add_column(col)
     with cloud.lock:
         really = Counter(h for hosts in cloud.running.values() for h in hosts)
         for host in sorted(cloud.hosts.values(), key=lambda h: h.id):
             state = host.state.name
-            table.add_row(str(host.id), str(host.cluster_id), f"[{HOST_STYLE.get(state, 'white')}]{state}[/]",
-                          host.power, str(len(host.vm_ids)), str(really.get(host.id, 0)))
+            row = [str(host.id), str(host.cluster_id), f"[{HOST_STYLE.get(state, 'white')}]{state}[/]",
+                   host.power, str(len(host.vm_ids)), str(really.get(host.id, 0))]
+            if detected is not None:
+                row.append(_detector_cell(detected.get(host.id)))
+            table.add_row(*row)
     return table
+
+
+def _detector_cell(entry: dict[str, Any] | None) -> str:
+    """ok -> suspect -> proven dead (by what) -> recovering; or isolated (alerted, never recovered)."""
+    if entry is None or entry.get("state") == "ok":
+        return "[green]ok[/]"
+    state = str(entry.get("state"))
+    if state == "dead":
+        return f"[bold red]proven dead[/] ({entry.get('proof') or '?'})"
+    style = {"suspect": "yellow", "isolated": "magenta"}.get(state, "white")
+    return f"[{style}]{state}[/] {str(entry.get('detail', ''))[:40]}"
 
 
 def _incidents_table(store: IncidentStore) -> Table:

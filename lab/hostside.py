@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import random
 import secrets
 import selectors
@@ -189,6 +190,8 @@ class HostSide:
     def start(self) -> HostSide:
         if not _ACTIVE.acquire(blocking=False):
             raise RuntimeError("one HostSide per process (the sushy-tools app is a singleton)")
+        # werkzeug logs every BMC request at INFO to stderr: the lab's live view and the bench tables are not for it
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         try:
             with self.cloud.lock:
                 hids = sorted(self.cloud.hosts)

@@ -78,6 +78,20 @@ class Scenario:
             ("VM fails to boot", lambda: self.vm_fails_to_boot(hosts[1][1])),
             ("host partitioned", lambda: self.host_partitioned(hosts[1][2])),
         ]
+        if self.stack.detection:  # issue 13: the detectors prove host failures long before oned sees them
+            steps = [
+                ("power supply fails", lambda: self.detected("power supply fails", hosts[0][0], "psu",
+                                                             "its BMC answers Off")),
+                ("power lost, BMC dead", lambda: self.detected("power lost, BMC dead", hosts[0][1], "power_loss",
+                                                               "its storage heartbeat, stale past its agent's "
+                                                               "self-fence deadline, proves it")),
+                ("VM crashes", lambda: self.vm_crashes(hosts[1][0])),
+                ("VM fails to boot", lambda: self.vm_fails_to_boot(hosts[1][1])),
+                ("management network cut", lambda: self.detected("management network cut", hosts[1][2],
+                                                                 "mgmt_partition", "isolated while its heartbeat "
+                                                                 "beats (never fenced), until its agent's watchdog "
+                                                                 "resets it")),
+            ]
         for name, step in steps:
             self.say(f"▶ {name}")
             outcome = step()
@@ -123,6 +137,10 @@ class Scenario:
     def host_partitioned(self, hid: int) -> Outcome:
         out = self._inject("host partitioned", f"host {hid} cut off while its VMs keep running: fenced, then "
                            "recovered", Status.RECOVERED, "lab.host.partition", hid)
+        return self._follow(out, Kind.HOST, hid)
+
+    def detected(self, name: str, hid: int, mode: str, how: str) -> Outcome:
+        out = self._inject(name, f"host {hid}: {how}", Status.RECOVERED, "lab.host.fail", hid, mode)
         return self._follow(out, Kind.HOST, hid)
 
     # Helpers -----------------------------------------------------------------------------------------------
@@ -197,6 +215,8 @@ class Scenario:
 
 def describe(out: Outcome) -> str:
     parts = [f"incident {out.incident.id} {out.incident.status.value}" if out.incident else "no incident"]
+    if out.incident is not None and out.incident.extra.get("proof"):
+        parts.append(f"proven dead by {out.incident.extra['proof']}")
     if out.detected_s is not None:
         parts.append(f"detected after {out.detected_s:.1f}s")
     if out.settled_s is not None:

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import IO
 
 from oneha.keys import Keys
+from oneha.lab import detection
 from oneha.lab.sim import LabCloud
 from oneha.redis_server import RedisServer, free_port
 from oneha.waiting import wait_until
@@ -43,6 +44,7 @@ class StackOptions:
     reconcile_interval_s: float = 5.0
     flower: bool = True
     dry_run: bool = False
+    detection: bool = True  # every host's management side + two `oneha detect` (lab/detection.py), where possible
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Stack:
     redis_url: str = ""
     flower_url: str = ""
     flower_auth: tuple[str, str] = ("oneha", "")
+    detection: bool = False  # detection runs (options.detection, and the machine allows it)
 
     # Start -----------------------------------------------------------------------------------------------------
     def start(self) -> Stack:
@@ -76,6 +79,10 @@ class Stack:
             self._spawn("subscriber", [sys.executable, "-m", "oneha", "subscribe"], env)
             for i in range(self.options.workers):
                 self._spawn(f"worker-{i + 1}", self._worker_argv(i), env)
+            if self.detection:
+                for i in range(len(detection.DETECTORS)):
+                    self._spawn(f"detector-{i + 1}", [sys.executable, "-m", "oneha", "detect"],
+                                {**env, **detection.detector_env(i)})
             if self.options.flower:
                 self._start_flower(env)
         except BaseException:
@@ -85,8 +92,15 @@ class Stack:
 
     def _start_lab(self) -> None:
         o = self.options
-        self.lab = LabCloud(hosts=o.hosts, vms=o.vms, clusters=o.clusters,
-                            monitoring_interval_s=o.monitoring_interval_s, step_delay_s=o.step_delay_s)
+        why_not = detection.unavailable() if o.detection else None
+        if why_not is not None:
+            self.notices.append(f"no detection in this lab: {why_not}; oned's ERROR path only")
+        self.detection = o.detection and why_not is None
+        monitoring_s = max(o.monitoring_interval_s, detection.ONED_DETECTION_S) if self.detection else \
+            o.monitoring_interval_s
+        self.lab = LabCloud(hosts=o.hosts, vms=o.vms, clusters=o.clusters, monitoring_interval_s=monitoring_s,
+                            step_delay_s=o.step_delay_s,
+                            host_side=detection.host_side_options() if self.detection else None)
         self.lab.start(port=self._port("oned XML-RPC", o.port), events_port=self._port("ZeroMQ events", o.events_port))
 
     def _start_redis(self) -> None:
@@ -112,12 +126,17 @@ class Stack:
         auth.write_text(self.lab.session + "\n")
         auth.chmod(0o600)
         fence = [sys.executable, "-m", "oneha", "lab", "fence-command"]
+        if self.detection:  # through the hosts' Redfish BMCs: a dead BMC cannot fence (the lab's command always could)
+            fence = detection.fence_command()
         config = self.workdir / "oneha.toml"
-        config.write_text(_CONFIG.format(
+        text = _CONFIG.format(
             endpoint=self.lab.rpc_url, auth=auth, redis=self.redis_url, events=self.lab.events_url,
             grace=o.host_grace_s, crash_grace=o.vm_crash_grace_s, fence=_toml_list(fence),
             reconcile=o.reconcile_interval_s, dry_run=str(o.dry_run).lower(),
-        ))
+        )
+        if self.lab.host_side is not None:
+            text += detection.config_section(self.lab.host_side.heartbeat_dir)
+        config.write_text(text)
         return config
 
     def _child_env(self, config: Path) -> dict[str, str]:
@@ -125,6 +144,8 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ONEHA_", "ONE_"))}
         env.update(ONEHA_CONFIG=str(config), ONE_AUTH=str(self.workdir / "one_auth"),
                    ONEHA_LAB_URL=self.lab.rpc_url, PYTHONUNBUFFERED="1")
+        if self.lab.host_side is not None:
+            env["ONEHA_FENCE_CRED_DIR"] = str(self.lab.host_side.cred_dir)
         return env
 
     def _worker_argv(self, index: int) -> list[str]:
@@ -191,7 +212,9 @@ def wait_ready(stack: Stack, timeout_s: float = 60.0) -> None:
             if stack.dead_children():
                 return True
             beats = {str(b) for b in client.hkeys(Keys().heartbeat)}
-            return any(b.startswith("subscriber") for b in beats) and \
+            detectors = all(client.exists(Keys().detect_view(detection.detector_env(i)["ONEHA_DETECT__INSTANCE"]))
+                            for i in range(len(detection.DETECTORS))) if stack.detection else True
+            return any(b.startswith("subscriber") for b in beats) and detectors and \
                 sum(b.startswith("worker") for b in beats) >= stack.options.workers
         wait_until(ready, timeout_s, what="subscriber and workers to start")
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from oneha.lab.detection import unavailable
 from oneha.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -59,9 +60,16 @@ def processes_using(marker: str) -> list[int]:
     return found
 
 
-def test_oneha_lab_heals_the_cloud_and_leaves_nothing_running() -> None:
+ERROR_PATH = ("host dies", "host flaps", "VM crashes", "VM fails to boot", "host partitioned")
+DETECTION = ("power supply fails", "power lost, BMC dead", "VM crashes", "VM fails to boot", "management network cut")
+
+
+@pytest.mark.parametrize("detection", [True, False], ids=["detection", "error-path"])
+def test_oneha_lab_heals_the_cloud_and_leaves_nothing_running(detection: bool) -> None:
+    if detection and (why_not := unavailable()) is not None:
+        pytest.skip(why_not)
     argv = [sys.executable, "-m", "oneha", "lab", "--headless", "--keep",
-            "--port", "0", "--events-port", "0", "--flower-port", "0"]
+            "--port", "0", "--events-port", "0", "--flower-port", "0"] + ([] if detection else ["--no-detection"])
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = Output(process)
     try:
@@ -69,8 +77,11 @@ def test_oneha_lab_heals_the_cloud_and_leaves_nothing_running() -> None:
                    interval_s=0.5, what="the scenario's summary")
         assert process.poll() is None, out.text
         assert out.find(r"duplicates: 0\s+lost: 0"), out.text
-        for failure in ("host dies", "host flaps", "VM crashes", "VM fails to boot", "host partitioned"):
+        for failure in DETECTION if detection else ERROR_PATH:
             assert re.search(rf"✔ {failure}:", out.text), f"{failure} not handled:\n{out.text}"
+        if detection:  # proven by the detectors, not by oned's ERROR (which they beat by seconds)
+            assert re.search(r"✔ power supply fails: incident \d+ recovered; proven dead by bmc", out.text), out.text
+            assert re.search(r"✔ power lost, BMC dead: incident \d+ recovered; proven dead by heartbeat", out.text)
 
         flower = out.find(r"Flower:\s+(http://127\.0\.0\.1:(\d+))\s+\(user (\S+), password (\S+)\)")
         assert flower, out.text
