@@ -309,9 +309,11 @@ class DetectSettings(_Strict):
         "is suspect. Run at least this many instances, on different machines."))
     alive_ttl_s: float = Field(3.0, gt=0, description=(
         "An instance's published view (and so its vote) expires this long after its last round."))
-    storm_max_share: float = Field(0.3, gt=0, le=1, description=(
+    storm_max_share: float = Field(0.5, gt=0, le=1, description=(
         "An instance that misses more than this share of all hosts at once (and at least storm_min_hosts) "
-        "suspects itself: it withdraws its votes and alerts (its own network is the likelier fault)."))
+        "suspects itself: it withdraws its votes and alerts (its own network is the likelier fault). Below it, a "
+        "mass failure is still only recovered once each host is proven dead (BMC Off or a stale heartbeat; a "
+        "beating heartbeat vetoes fencing)."))
     storm_min_hosts: int = Field(2, ge=1, description="...the storm guard needs at least this many hosts missed.")
     decision_lease_s: float = Field(15.0, gt=0, description=(
         "One instance decides a suspect host at a time (a lease in Redis, renewed while it decides): a detector "
