@@ -48,7 +48,7 @@ HOSTS = 30
 PROBE_S = 0.2
 SOURCES = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
 # host ids per test (the lab is shared by the module; each test restores its hosts)
-PSU, HANG, FLAP, PARTITION, POWER_LOSS, DISAGREE, CUT_OFF_PSU, KILLED = 0, 1, 2, 3, 4, 5, 6, 7
+PSU, HANG, FLAP, PARTITION, POWER_LOSS, DISAGREE, CUT_OFF_PSU, KILLED, STORAGE = 0, 1, 2, 3, 4, 5, 6, 7, 8
 
 
 def _can_bind(port: int) -> bool:
@@ -253,6 +253,34 @@ def test_power_loss_without_an_agent_is_never_proven(world: World, fleet: Fleet,
     assert state(world, POWER_LOSS)["state"] == "suspect" and "waits for oned" in state(world, POWER_LOSS)["detail"]
     assert host_incidents(world, POWER_LOSS) == []
     assert_safe(world, {POWER_LOSS})
+
+
+def test_a_storage_only_partition_self_fences_and_only_then_is_proven_dead(world: World, fleet: Fleet,
+                                                                            redis_url: str) -> None:
+    """The host still answers its management ports but has lost its storage: never suspect while it runs; its agent
+    stops petting, the watchdog resets it (its VMs stop); only then is it suspect, and proven dead (BMC)."""
+    settings = detect_settings(world.lab, redis_url)
+    fleet.start(settings, "a"), fleet.start(settings, "b")
+    settle(fleet)
+    vms = set(world.cloud.hosts[STORAGE].vm_ids)
+    assert vms
+    world.side.fail(STORAGE, "storage_partition")
+    seen_before_reset: set[str] = set()
+
+    def reset() -> bool:
+        if world.side.hosts[STORAGE].resets:
+            return True
+        seen_before_reset.add(state(world, STORAGE)["state"])
+        return False
+
+    wait_until(reset, 10, interval_s=0.02, backoff=1.0, what="the agent's watchdog resets the host")
+    assert seen_before_reset == {"ok"}, seen_before_reset  # running VMs: never suspect, never fenced
+    with world.cloud.lock:
+        assert not any(STORAGE in world.cloud.running.get(v, set()) for v in vms)  # the reset stopped them
+    wait_until(lambda: state(world, STORAGE)["state"] == "dead", 15, what="the reset host proven dead")
+    incidents = host_incidents(world, STORAGE)
+    assert len(incidents) == 1 and incidents[0].extra["proof"] in ("bmc", "heartbeat")
+    assert_safe(world, {STORAGE})
 
 
 # --- what must never be called dead ------------------------------------------------------------------------------
