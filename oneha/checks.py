@@ -47,6 +47,7 @@ def run_all(settings: Settings, zmq_wait_s: float = 3.0) -> list[Check]:
     checks += fencing_checks(settings)
     checks += metrics_port_checks(settings)
     checks += zmq_checks(settings.subscriber.zmq_endpoints, zmq_wait_s)
+    checks += detection_checks(settings)
     return checks
 
 
@@ -226,6 +227,64 @@ def _serves_oneha_metrics(bind: str, port: int) -> bool:
             return b"oneha_" in resp.read(1 << 20)
     except OSError:
         return False
+
+
+# -- detection (issue 13) ----------------------------------------------------------------------------------------
+
+def detection_checks(settings: Settings) -> list[Check]:
+    """Are enough detectors alive for a quorum, and what do the hosts' heartbeats promise? Warnings only: without
+    detection, oned's ERROR path still recovers (minutes later)."""
+    return [_detectors_check(settings), _heartbeats_check(settings)]
+
+
+def _detectors_check(settings: Settings) -> Check:
+    import redis
+
+    from oneha import redisconn
+    from oneha.keys import Keys
+
+    quorum = settings.detect.quorum
+    try:
+        client = redisconn.client(settings.redis)
+        keys = Keys(settings.redis.key_prefix)
+        names = [str(i) for i in client.smembers(keys.detect_instances)]
+        alive = sorted(i for i in names if client.exists(keys.detect_view(i)))
+    except (redis.RedisError, OSError) as exc:
+        return Check("detectors", "warn", f"cannot tell ({_short(exc)})")
+    if len(alive) >= quorum:
+        return Check("detectors", "ok", f"{len(alive)} alive ({', '.join(alive)}), quorum {quorum}")
+    return Check("detectors", "warn", f"{len(alive)} alive{' (' + ', '.join(alive) + ')' if alive else ''}, quorum "
+                 f"{quorum}: no fast detection, oned's ERROR path only",
+                 "run `oneha detect` on at least detect.quorum machines (docs/operations.md §1a)")
+
+
+def _heartbeats_check(settings: Settings) -> Check:
+    from oneha.timing_rule import DETECTOR_FILE, MAX_HEARTBEAT_BYTES, Heartbeat, fits
+
+    d = settings.detect
+    if d.heartbeat_dir is None:
+        return Check("host heartbeats", "warn", "detect.heartbeat_dir unset: only a BMC can prove a host dead",
+                     "install `oneha agent` on the hypervisors (docs/agent.md)")
+    if not d.heartbeat_dir.is_dir():
+        return Check("host heartbeats", "warn", f"{d.heartbeat_dir} is not a directory here (not mounted?)")
+    proving: list[str] = []
+    other: list[str] = []
+    for path in sorted(d.heartbeat_dir.iterdir())[:10_000]:
+        if path.name.startswith(".") or path.name == DETECTOR_FILE or not path.is_file():
+            continue
+        try:
+            with path.open("rb") as f:
+                hb = Heartbeat.decode(f.read(MAX_HEARTBEAT_BYTES + 1))
+        except (OSError, ValueError):
+            other.append(f"{path.name} (unreadable)")
+            continue
+        ok = hb.proves_self_fence and fits(hb.deadline_s, d.heartbeat_stale_s, d.heartbeat_margin_s)
+        (proving if ok else other).append(path.name if ok else f"{path.name} ({hb.status})")
+    detail = f"{len(proving)} host(s) whose heartbeat can prove death"
+    if other:
+        return Check("host heartbeats", "warn", f"{detail}; not: {', '.join(other[:8])}",
+                     "an agent that is unarmed, stopped or without a watchdog promises nothing (docs/agent.md)")
+    return Check("host heartbeats", "ok", detail)
 
 
 # -- ZeroMQ ------------------------------------------------------------------------------------------------------

@@ -112,3 +112,31 @@ def test_missing_credentials_file_is_named(tmp_path: Path, redis_url: str) -> No
     assert res.returncode == 1
     assert any(line.startswith("✗ oned credentials: cannot read oned credentials from") and "one_auth" in line
                for line in res.stdout.splitlines()), res.stdout
+
+
+def test_detection_says_how_many_detectors_are_alive_and_what_each_heartbeat_promises(tmp_path: Path,
+                                                                                       redis_url: str) -> None:
+    """Warnings, never failures: without detection oned's ERROR path still recovers."""
+    import redis
+
+    from oneha.detect.quorum import Quorum
+    from oneha.keys import Keys
+    from oneha.timing_rule import Heartbeat
+
+    beats = tmp_path / "heartbeats"
+    beats.mkdir()
+    (beats / "kvm1").write_bytes(Heartbeat("kvm1", 7, "b", 21.0).encode())
+    (beats / "kvm2").write_bytes(Heartbeat("kvm2", 3, "b", 21.0, status="unarmed").encode())
+    with running_lab() as lab:
+        cfg = lab_config(tmp_path, redis_url, lab.rpc_url, lab.events_url)
+        with cfg.open("a") as f:
+            f.write(f'[detect]\nheartbeat_dir = "{beats}"\n')
+        none_alive = check(cfg)
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        for name in ("fe1", "fe2"):  # what a live detector publishes each round
+            Quorum(r, Keys(), name, 30.0).publish({})
+        two_alive = check(cfg)
+    assert none_alive.returncode == 0, none_alive.stdout
+    assert "! detectors: 0 alive, quorum 2: no fast detection" in none_alive.stdout
+    assert "✓ detectors: 2 alive (fe1, fe2), quorum 2" in two_alive.stdout
+    assert "! host heartbeats: 1 host(s) whose heartbeat can prove death; not: kvm2 (unarmed)" in two_alive.stdout
