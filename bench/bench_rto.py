@@ -50,14 +50,13 @@ from bench.rto_lab import (
     profile_factor,
     read_lab_marks,
     wait_recovered,
+    write_oneha_config,
 )
 from oneha.incidents import IncidentStore, Kind
 from oneha.keys import Keys
-from oneha.lab.sim import LabCloud
 from oneha.lab.timeline import Profile, profile_named
 from oneha.opennebula import HostState
 from oneha.redis_server import RedisServer
-from oneha.settings import ClusterPolicy, SubscriberSettings
 from oneha.waiting import wait_until
 
 FENCE = ["true"]  # fencing assumed to work: the bench measures the wait, not a BMC
@@ -99,33 +98,6 @@ def run_opennebula(profile: Profile, run: Run, action: str, periods: int, timeou
 # ------------------------------------------------------------------------------------------------------------
 # oneha as it is today: subscriber + workers react to oned's ERROR event
 
-def write_config(directory: Path, redis_url: str, lab: LabCloud, factor: float) -> Path:
-    auth = directory / "one_auth"
-    auth.write_text(lab.session + "\n")
-    auth.chmod(0o600)
-    grace = ClusterPolicy().host_grace_s * factor  # oneha's defaults, scaled with the lab's profile
-    reconcile = SubscriberSettings().reconcile_interval_s * factor
-    path = directory / "oneha.toml"
-    path.write_text(f"""
-[redis]
-url = "{redis_url}"
-[oned]
-endpoint = "{lab.rpc_url}"
-auth_file = "{auth}"
-[subscriber]
-zmq_endpoints = ["{lab.events_url}"]
-reconcile_interval_s = {reconcile}
-metrics_port = 0
-[worker]
-metrics_port = 0
-[policy.default]
-host_action = "recreate"
-host_grace_s = {grace}
-fencing = ["{FENCE[0]}"]
-""")
-    return path
-
-
 def run_oneha(profile: Profile, run: Run, timeout_s: float) -> Run:
     lab = make_lab(profile)
     server = RedisServer.start()
@@ -134,7 +106,7 @@ def run_oneha(profile: Profile, run: Run, timeout_s: float) -> Run:
         try:
             import redis
 
-            cfg = write_config(Path(tmp), server.url, lab, profile_factor(profile))
+            cfg = write_oneha_config(Path(tmp), server.url, lab, profile_factor(profile), FENCE)
             client = redis.Redis.from_url(server.url, decode_responses=True)
             keys = Keys()
             store = IncidentStore(client, keys)

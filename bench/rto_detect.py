@@ -23,14 +23,21 @@ from pathlib import Path
 
 import redis
 
-from bench.rto_lab import Run, cut_power, make_lab, profile_factor, read_lab_marks, wait_recovered
+from bench.rto_lab import (
+    Run,
+    cut_power,
+    make_lab,
+    profile_factor,
+    read_lab_marks,
+    wait_recovered,
+    write_oneha_config,
+)
 from oneha.incidents import IncidentStore, Kind
 from oneha.keys import Keys
 from oneha.lab.hostside import HostSideOptions
 from oneha.lab.sim import LabCloud
 from oneha.lab.timeline import Profile
 from oneha.redis_server import RedisServer
-from oneha.settings import ClusterPolicy, SubscriberSettings
 from oneha.waiting import wait_until
 
 FENCE_REDFISH = Path(__file__).resolve().parent.parent / "deploy" / "fence" / "fence_redfish.sh"
@@ -48,27 +55,9 @@ def detection_timings(quick: bool) -> dict[str, float]:
             "beat_s": 1.0 * f, "loss_timeout_s": 10.0 * f, "watchdog_timeout_s": 10.0 * f}
 
 
-def write_config(directory: Path, redis_url: str, lab: LabCloud, factor: float, t: dict[str, float]) -> Path:
+def detect_section(lab: LabCloud, t: dict[str, float]) -> str:
     assert lab.host_side is not None
-    auth = directory / "one_auth"
-    auth.write_text(lab.session + "\n")
-    auth.chmod(0o600)
-    grace = ClusterPolicy().host_grace_s * factor
-    reconcile = SubscriberSettings().reconcile_interval_s * factor
-    path = directory / "oneha.toml"
-    path.write_text(f"""
-[redis]
-url = "{redis_url}"
-[oned]
-endpoint = "{lab.rpc_url}"
-auth_file = "{auth}"
-[subscriber]
-zmq_endpoints = ["{lab.events_url}"]
-reconcile_interval_s = {reconcile}
-metrics_port = 0
-[worker]
-metrics_port = 0
-[detect]
+    return f"""[detect]
 probe_interval_s = {t["probe_interval_s"]}
 probe_timeout_s = {t["probe_timeout_s"]}
 alive_ttl_s = {t["alive_ttl_s"]}
@@ -80,13 +69,7 @@ heartbeat_stale_s = {t["heartbeat_stale_s"]}
 heartbeat_margin_s = {t["heartbeat_margin_s"]}
 heartbeat_fresh_s = {t["heartbeat_fresh_s"]}
 metrics_port = 0
-[policy.default]
-host_action = "recreate"
-host_grace_s = {grace}
-fencing = ["{FENCE_REDFISH}"]
-fence_timeout_s = 30
-""")
-    return path
+"""
 
 
 def host_side_options(t: dict[str, float]) -> HostSideOptions:
@@ -148,7 +131,7 @@ def run_detect(profile: Profile, run: Run, timeout_s: float) -> Run:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             assert lab.host_side is not None
-            cfg = write_config(Path(tmp), server.url, lab, factor, t)
+            cfg = write_oneha_config(Path(tmp), server.url, lab, factor, [str(FENCE_REDFISH)], detect_section(lab, t))
             client = redis.Redis.from_url(server.url, decode_responses=True)
             keys = Keys()
             store = IncidentStore(client, keys)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oneha.lab.sim import LabCloud
 from oneha.lab.timeline import Profile
+from oneha.settings import ClusterPolicy, SubscriberSettings
 from oneha.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -105,3 +107,34 @@ def read_lab_marks(lab: LabCloud, run: Run) -> None:
 
 def profile_factor(profile: Profile) -> float:
     return profile.manager_timer_s / 15.0
+
+
+def write_oneha_config(directory: Path, redis_url: str, lab: LabCloud, factor: float, fence: list[str],
+                       extra: str = "") -> Path:
+    """oneha's configuration for a contender: its defaults (grace, reconcile scaled with the lab's profile),
+    `recreate`, the given fence command, and `extra` TOML appended."""
+    auth = directory / "one_auth"
+    auth.write_text(lab.session + "\n")
+    auth.chmod(0o600)
+    grace = ClusterPolicy().host_grace_s * factor
+    reconcile = SubscriberSettings().reconcile_interval_s * factor
+    path = directory / "oneha.toml"
+    fencing = ", ".join(f'"{part}"' for part in fence)
+    path.write_text(f"""
+[redis]
+url = "{redis_url}"
+[oned]
+endpoint = "{lab.rpc_url}"
+auth_file = "{auth}"
+[subscriber]
+zmq_endpoints = ["{lab.events_url}"]
+reconcile_interval_s = {reconcile}
+metrics_port = 0
+[worker]
+metrics_port = 0
+[policy.default]
+host_action = "recreate"
+host_grace_s = {grace}
+fencing = [{fencing}]
+{extra}""")
+    return path

@@ -8,9 +8,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -51,17 +49,10 @@ SOURCES = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
 PSU, HANG, FLAP, PARTITION, POWER_LOSS, DISAGREE, CUT_OFF_PSU, KILLED, STORAGE = 0, 1, 2, 3, 4, 5, 6, 7, 8
 
 
-def _can_bind(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.50.0.250", port))
-        except OSError:
-            return False
-    return True
 
 
-pytestmark = pytest.mark.skipif(not (_can_bind(22) and _can_bind(443) and shutil.which("openssl")),
-                                reason="needs to bind ports 22 and 443 on 127.50.x.y (root) and openssl")
+WHY_NOT = pytest.importorskip("oneha.lab.detection").unavailable()  # ports 22/443/16509 on 127.50.x.y, openssl
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -32,17 +31,10 @@ MODES = {  # mode -> host id
 PARTITION_NO_BMC, FENCE_ME, FENCE_DEAD_BMC, BY_RPC = 6, 7, 8, 9
 
 
-def _can_bind(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.50.0.250", port))
-        except OSError:
-            return False
-    return True
 
 
-pytestmark = pytest.mark.skipif(not (_can_bind(22) and _can_bind(443) and shutil.which("openssl")),
-                                reason="needs to bind ports 22 and 443 on 127.50.x.y (root) and openssl")
+WHY_NOT = pytest.importorskip("oneha.lab.detection").unavailable()  # ports 22/443/16509 on 127.50.x.y, openssl
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 @pytest.fixture(scope="module")
