@@ -181,3 +181,14 @@ def audit_writers(folder: str = "workers") -> list[str]:
 
 def test_only_the_hooks_write_audit_entries():
     assert audit_writers() == []
+
+
+def test_every_package_under_oneha_is_in_the_wheel() -> None:
+    """pyproject.toml lists packages explicitly: a new one left out works in the editable install and is missing
+    from the wheel an operator installs (`oneha detect` was, once)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "oneha").rglob("__init__.py")
+             if "deploy" not in init.parent.relative_to(ROOT).parts[1:2]}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
