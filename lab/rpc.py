@@ -76,7 +76,9 @@ ONED_VERSION = "7.2.0"
 
 
 class Faults:
-    """Knobs applied to one.* calls. `hang` blocks calls until it is cleared (or the server stops)."""
+    """Knobs applied to one.* calls. `hang` blocks calls until it is cleared (or the server stops); `hang_methods`
+    blocks only those methods, by name, until cleared with `{"hang_methods": []}`: a call oned keeps while it
+    answers everything else (it then applies it: oned runs a call to its end, `RequestManagerXRPC.cc`)."""
 
     def __init__(self, seed: int = 0) -> None:
         self.latency_ms = 0.0
@@ -85,6 +87,9 @@ class Faults:
         self.event_reorder_rate = 0.0
         self.released = threading.Event()
         self.released.set()
+        self.hang_methods: frozenset[str] = frozenset()
+        self.methods_released = threading.Event()
+        self.methods_released.set()
         self.rng = random.Random(seed)  # noqa: S311 - simulation, not security
         self.lock = threading.Lock()
 
@@ -94,7 +99,8 @@ class Faults:
 
     def as_dict(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "error_rate": self.error_rate, "event_drop_rate": self.event_drop_rate,
-                "event_reorder_rate": self.event_reorder_rate, "hang": self.hang}
+                "event_reorder_rate": self.event_reorder_rate, "hang": self.hang,
+                "hang_methods": sorted(self.hang_methods)}
 
     def update(self, knobs: dict[str, Any]) -> None:
         for name in ("latency_ms", "error_rate", "event_drop_rate", "event_reorder_rate"):
@@ -103,11 +109,15 @@ class Faults:
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                     raise LabError(ErrorCode.XML_RPC_API, f"{name} must be a non-negative number")
                 setattr(self, name, float(value))
-        unknown = set(knobs) - {"latency_ms", "error_rate", "event_drop_rate", "event_reorder_rate", "hang"}
+        unknown = set(knobs) - {"latency_ms", "error_rate", "event_drop_rate", "event_reorder_rate", "hang",
+                                "hang_methods"}
         if unknown:
             raise LabError(ErrorCode.XML_RPC_API, f"unknown fault knobs: {sorted(unknown)}")
         if "hang" in knobs:
             (self.released.clear if knobs["hang"] else self.released.set)()
+        if "hang_methods" in knobs:
+            self.hang_methods = frozenset(str(m) for m in knobs["hang_methods"])
+            (self.methods_released.clear if self.hang_methods else self.methods_released.set)()
 
     def roll_error(self) -> bool:
         with self.lock:
@@ -243,6 +253,8 @@ class LabRpc:
         if problem:
             return _error(method, ErrorCode.XML_RPC_API, problem, _first_int(args))
         if method.startswith("one."):
+            if method in self.faults.hang_methods:
+                self.faults.methods_released.wait()
             failed = self._inject_faults()
             if failed:
                 return _error(method, ErrorCode.INTERNAL, failed, _first_int(args))

@@ -119,3 +119,35 @@ def test_oned_hung_mid_resume_resumes_each_crashed_vm_once(tmp_path: Path, redis
     assert stats["calls"]["one.vm.action"] == len(vms)  # one resume per VM reached oned, none re-sent
     assert {v: vm_timeline(o, v).count("ACTIVE/BOOT_UNKNOWN") for v in vms} == {v: 1 for v in vms}
     assert during["max_concurrent"] <= CAP, during
+
+
+@pytest.mark.slow
+def test_a_change_oned_never_answers_is_not_sent_again_after_the_connection_is_closed(tmp_path: Path,
+                                                                                      redis_url: str) -> None:
+    """oned keeps a `recover` past `abandon_after_s` while it answers everything else: oneha closes the connection,
+    but oned runs a call to its end and may apply it at any time. A re-read then shows the VM unchanged, and deciding
+    again would send a second recover that lands after the first. The VM is left with an alert instead (PARTIAL);
+    when oned gets to the first call, the VM is recreated once."""
+    with running_lab(hosts=3, **LAB) as lab:
+        url = lab.rpc_url
+        vm = call(url, "lab.vm.create", {"HOST": 1, "STATE": "RUNNING"})
+        call(url, "lab.host.kill", 1)
+        wait_until(lambda: "<STATE>3</STATE>" in call(url, "one.host.info", 1), 10, what="host 1 in ERROR")
+        oned = {"read_timeout_s": 0.3, "connect_timeout_s": 0.3, "abandon_after_s": 1.5, "call_attempts": 3}
+        with worker_stack(tmp_path, redis_url, url, workers=1, concurrency=4, oned=oned,
+                          policy={"host_action": "recreate"}) as stack:
+            call(url, "lab.faults", {"hang_methods": ["one.vm.recover"]})
+            try:
+                closed = stack.wait_closed(stack.report_host(1), timeout_s=60)
+                sent = call(url, "lab.stats")["calls"].get("one.vm.recover", 0)
+                record = stack.store.vm_records(closed.id)[vm]
+                alerts = [e for e in stack.store.log(closed.id) if e.get("event") == "alert"]
+            finally:
+                call(url, "lab.faults", {"hang_methods": []})
+            wait_until(lambda: "ACTIVE/RUNNING" in vm_timeline(call(url, "lab.oracle"), vm), 30,
+                       what="the late recover applied and the VM running again")
+            o = call(url, "lab.oracle")
+    assert sent == 1, f"recover sent {sent} times"
+    assert closed.status.value == "partial" and record["result"] == "failed", (closed.detail, record)
+    assert "not sent again" in record["detail"] and alerts, (record, alerts)
+    assert vm_timeline(o, vm).count("ACTIVE/CLEANUP_RESUBMIT") == 1 and o["duplicates"] == [] and o["lost"] == []

@@ -18,7 +18,10 @@
   back (`UNKNOWN` without sending; `settle(vm_id)` waits for the earlier call to end), so a late answer cannot
   cross a second action. What stays out of reach: a connection closed by us after `abandon_after_s` (or by a
   dead worker's kernel) does not cancel the request inside oned (xmlrpc-c runs a method to its end; the reply
-  just fails to be written), so after that long our count can be below oned's.
+  just fails to be written), so after that long our count can be below oned's. Such a change is *abandoned*
+  (`abandoned(vm_id)`): oned may still apply it at any time, so the step does not decide again from a read that
+  shows the VM unchanged (that could send a second change landing after the first): the VM is left with an alert
+  (`CallOutcome.ABANDONED`, `vm_steps.run_call`).
 - `OnedError` carries a sanitised message: the session string never reaches a log line, an exception or Flower.
 - `VmReader` coalesces concurrent "re-read this VM" requests of all worker threads of a process into one
   `one.vmpool.infoset` call, so re-reading before every action and polling for confirmation costs a fraction of a
@@ -241,6 +244,9 @@ class OnedGateway:
         self._runner = ThreadPoolExecutor(max_workers=semaphore.cap, thread_name_prefix="oneha-oned")
         self._lingering: dict[str, Future[Any]] = {}  # slot holder -> call past its wait, still unanswered
         self._unanswered: dict[int, Future[Any]] = {}  # VM id -> mutating call of ours oned has not answered
+        # VM id -> a mutating call we closed unanswered after abandon_after_s (oned may still apply it), until
+        # `abandoned` is asked; bounded: a VM's entry goes at the next question or when the dict grows past 10,000
+        self._abandoned: dict[int, float] = {}
         self._renewer: threading.Thread | None = None
 
     @classmethod
@@ -312,11 +318,15 @@ class OnedGateway:
             self._ensure_renewer()
 
         def ended(done: Future[Any]) -> None:
+            exc = done.exception()
             with self._lock:
                 self._lingering.pop(holder, None)
                 if vm_id is not None and self._unanswered.get(vm_id) is done:
                     del self._unanswered[vm_id]
-            exc = done.exception()
+                if vm_id is not None and exc is not None:
+                    if len(self._abandoned) >= 10_000:
+                        self._abandoned.pop(next(iter(self._abandoned)))
+                    self._abandoned[vm_id] = time.monotonic()
             if exc is not None:
                 log.warning("oned %s: no answer after %gs either (%s): connection closed; oned may still apply it",
                             method, self.settings.abandon_after_s, self._clean(exc))
@@ -358,6 +368,12 @@ class OnedGateway:
         except Exception:  # noqa: S110 - the call's own failure was already reported; ended is what counts
             pass
         return True
+
+    def abandoned(self, vm_id: int) -> bool:
+        """True (once) if our last unanswered change on this VM ended without an answer: the connection was closed
+        after abandon_after_s, and oned, which runs a call to its end, may still apply it at any time."""
+        with self._lock:
+            return self._abandoned.pop(vm_id, None) is not None
 
     def lingering(self) -> int:
         """Calls oned has not answered that still hold a slot."""

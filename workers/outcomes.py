@@ -28,6 +28,7 @@ class CallOutcome(StrEnum):
     WRONG_STATE = "wrong_state"  # refused by oned in the VM's state: re-read and decide again
     GONE = "gone"  # the VM no longer exists
     UNKNOWN = "unknown"  # oned did not answer: the call may have been applied; re-read, never re-send blindly
+    ABANDONED = "abandoned"  # no answer within oned.abandon_after_s, connection closed: oned may still apply it later
 
 
 class Result(StrEnum):

@@ -41,6 +41,8 @@ def call(action: Action, why: str) -> Decision:
     return Decision(None, action, why)
 
 
+ABANDONED_DETAIL = ("oned never answered the call (connection closed after oned.abandon_after_s); oned may still "
+                    "apply it, so it is not sent again: check the VM and act by hand")
 WAIT = Decision()  # oned is moving the VM already (or nothing is ours to do yet): wait for it to settle
 
 
@@ -117,6 +119,8 @@ def run_vm_loop(flow: Flow, vm_id: int, kind: VmLoopKind, st: LoopState, vm: VmV
                 return LoopEnd(Result.DRY_RUN, decision.action, st.attempts, decision.why, vm, None)
             if outcome is CallOutcome.GONE:
                 return LoopEnd(Result.GONE, decision.action, st.attempts, "VM no longer exists", None, st.acted_at)
+            if outcome is CallOutcome.ABANDONED:
+                return LoopEnd(Result.FAILED, decision.action, st.attempts, ABANDONED_DETAIL, vm, st.acted_at)
             if outcome is CallOutcome.WRONG_STATE and not kind.confirm_after_refusal:
                 vm = None  # refused: re-read and decide again
                 continue
@@ -133,7 +137,7 @@ def _call(flow: Flow, vm: VmView, kind: VmLoopKind, decision: Decision, st: Loop
     st.detail = decision.why + st.ignored
     if outcome is CallOutcome.WRONG_STATE:
         st.detail = f"{decision.why}; oned refused in {vm.state_name}"
-    elif outcome in (CallOutcome.DONE, CallOutcome.UNKNOWN):
+    elif outcome in (CallOutcome.DONE, CallOutcome.UNKNOWN, CallOutcome.ABANDONED):
         if outcome is CallOutcome.UNKNOWN:
             st.detail = f"{decision.why}; outcome of the call unknown"
         st.acted_at = time.time()  # (or may have been, if unknown): the confirmation re-reads and tells

@@ -227,7 +227,13 @@ def run_call(flow: Flow, vm: VmView, what: str, step_fn: Callable[[], bool]) -> 
             log.warning("incident %s: %s on VM %s: outcome unknown (%s); re-reading before deciding again",
                         flow.incident.id, what, vm.id, exc)
             flow.emit("outcome_unknown", vm=vm.id, action=what)
-            flow.rt.oned.settle(vm.id)
+            ended = flow.rt.oned.settle(vm.id)
+            if not ended or flow.rt.oned.abandoned(vm.id):
+                # Never answered: oned may apply it whenever it gets to it. Deciding again from a read that shows
+                # the VM unchanged could send a second change that lands after the first: hold, and alert.
+                flow.rt.hooks.alert(flow, f"VM {vm.id}: {what} never answered by oned (connection closed after "
+                                          "oned.abandon_after_s); oned may still apply it: not sent again")
+                return CallOutcome.ABANDONED
             return CallOutcome.UNKNOWN
         if exc.kind is ErrorKind.WRONG_STATE:
             return CallOutcome.WRONG_STATE
