@@ -1,92 +1,33 @@
-"""oneha/detect/probe.py: one event loop probes 1,000 hosts in one round well inside the 1 s interval, and tells an
-answering sshd from a refused port and from a hung kernel (TCP accepted, no banner)."""
+"""oneha/detect/probe.py: one event loop probes 1,000 hosts in one round and tells an answering sshd from a refused
+port and from a hung kernel (TCP accepted, no banner); the pure pieces of the decision."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from bench.bench_detect import ANSWERING, addr, can_bind_22, fleet
 from oneha.detect.misses import Misses, is_storm
 from oneha.detect.probe import probe_round
 from oneha.detect.proof import Evidence, Rule, verdict
 
-ANSWERING, HUNG, REFUSED = range(0, 600), range(600, 700), range(700, 1000)
-BANNER = b"SSH-2.0-test\r\n"
-
-
-def addr(i: int) -> str:
-    return f"127.70.{i // 250}.{i % 250 + 1}"
-
-
-def _can_bind_22() -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.70.9.9", 22))
-        except OSError:
-            return False
-    return True
-
 
 @pytest.fixture(scope="module")
 def listeners() -> Iterator[None]:
-    """600 sshd-like listeners (banner, close) on their own loop and thread; 100 that never accept (hung kernel:
-    the handshake completes in the backlog, nothing is ever sent); 300 addresses with nothing listening."""
-    if not _can_bind_22():
+    if not can_bind_22():
         pytest.skip("needs to bind port 22 on 127.70.x.y (root)")
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(BANNER)
-        await writer.drain()
-        writer.close()
-
-    async def start() -> list[asyncio.Server]:
-        return [await asyncio.start_server(answer, addr(i), 22) for i in ANSWERING]
-
-    servers = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    hung = []
-    for i in HUNG:
-        s = socket.socket()
-        s.bind((addr(i), 22))
-        s.listen(16)
-        hung.append(s)
-    try:
+    with fleet():
         yield
-    finally:
-        for s in hung:
-            s.close()
-        for server in servers:
-            loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
-def test_one_round_of_1000_hosts_fits_well_inside_the_interval(listeners: None) -> None:
-    targets = {i: addr(i) for i in range(1000)}
-    timeout_s = 0.3
-    asyncio.run(probe_round(targets, [22], timeout_s))  # warm-up
-    rounds = []
-    for _ in range(3):
-        started = time.perf_counter()
-        results = asyncio.run(probe_round(targets, [22], timeout_s))
-        rounds.append(time.perf_counter() - started)
-        assert [i for i, ok in results.items() if ok] == list(ANSWERING)  # hung and refused both miss
-    without_hung = {i: addr(i) for i in (*ANSWERING, *REFUSED)}
-    started = time.perf_counter()
-    asyncio.run(probe_round(without_hung, [22], timeout_s))
-    plain = time.perf_counter() - started
-    print(f"\n1000 hosts (600 answer, 100 hung, 300 refused): round {min(rounds) * 1000:.0f}-"
-          f"{max(rounds) * 1000:.0f} ms (hung hosts wait out the {timeout_s * 1000:.0f} ms timeout, concurrently); "
-          f"900 hosts without hung ones: {plain * 1000:.0f} ms")
-    assert max(rounds) < timeout_s + 0.5 < 1.0  # the default interval is 1 s
-    assert plain < 0.6
+def test_one_round_of_1000_hosts_tells_sshd_from_hung_and_refused(listeners: None) -> None:
+    """Correctness only, with a timeout generous enough for a loaded machine; the round's speed is measured in
+    bench/bench_detect.py, beside a thread-per-host baseline."""
+    results = asyncio.run(probe_round({i: addr(i) for i in range(1000)}, [22], timeout_s=3.0))
+    assert [i for i, ok in results.items() if ok] == list(ANSWERING)  # hung and refused both miss
 
 
 def test_misses_and_the_storm_guard() -> None:
