@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="the lab's B
 BEAT, LOSS, WATCHDOG, REBOOT = 0.1, 0.5, 0.5, 1.0
 DEADLINE = BEAT + LOSS + WATCHDOG  # 1.1 s
 TICK = 0.05  # the hostside thread's period
-SLACK = 0.3  # ticks and this test's polling
+SLACK = 0.6  # the hostside thread's ticks and this test's polling, on a loaded 2-core machine
 STORAGE, MGMT_FENCE, MGMT_STORAGE_ONLY, FLAPPING = 0, 1, 2, 3
 
 
