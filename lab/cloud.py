@@ -47,7 +47,9 @@ from oneha.lab.model import (
     L,
     LabError,
     Vm,
+    capacity_error,
     fits,
+    state_str,
 )
 from oneha.lab.state import CloudState
 from oneha.opennebula import ErrorCode, HostState, RecoverOp, VmState
@@ -199,11 +201,14 @@ class Cloud(CloudState):
             self._log_call(by, "deploy", vid, hid, "")
 
     def _deploy(self, vm: Vm, host: Host, enforce: bool) -> None:
-        if vm.state not in (VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED):
-            raise LabError(ErrorCode.ACTION, f"Deploy action is not available for state {vm.state.name}", vm.id)
+        # The order and the wording of a real oned 7.4 (seen): an OFFLINE host first, then the VM's state (by
+        # `state_str`: the LCM state of an ACTIVE VM), then the capacity (`VirtualMachineAPI.cc`, `HostShare.cc`).
         _usable_target(host, vm.id)
+        if vm.state not in (VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED):
+            raise LabError(ErrorCode.ACTION, f"Deploy action is not available for state {state_str(vm)}", vm.id)
         if enforce and not fits(host, vm):
-            raise LabError(ErrorCode.ACTION, f"VM [{vm.id}] does not fit in HOST [{host.id}].", vm.id)
+            raise LabError(ErrorCode.ACTION, f"virtual machine [{vm.id}] does not fit in host [{host.id}]. "
+                           f"{capacity_error(host, vm)}", vm.id)
         self.pending.discard(vm.id)
         self._open_history(vm, host, ACT_NONE)
         # Any other host state is accepted (ERROR, DISABLED, INIT; MONITORED but dead): the deployment then

@@ -187,6 +187,19 @@ def fits(host: Host, vm: Vm, planned: tuple[int, int] = (0, 0)) -> bool:
     return max_cpu - cpu - planned[0] >= need_cpu and max_mem - mem - planned[1] >= need_mem
 
 
+def capacity_error(host: Host, vm: Vm) -> str:
+    """`HostShare::test_compute`'s reason (src/host/HostShare.cc): CPU first, then memory, as need/free."""
+    (max_cpu, max_mem), (cpu, mem), (need_cpu, need_mem) = host_max(host), host.used, vm_demand(vm)
+    if max_cpu - cpu < need_cpu:
+        return f"Not enough CPU: {need_cpu}/{max_cpu - cpu}"
+    return f"Not enough memory: {need_mem}/{max_mem - mem}"
+
+
+def state_str(vm: Vm) -> str:
+    """`VirtualMachine::state_str`: the LCM state's name for an ACTIVE VM, else the VM state's."""
+    return vm.lcm.name if vm.state == VmState.ACTIVE else vm.state.name
+
+
 def as_int(value: Any, what: str) -> int:
     try:
         return int(value)

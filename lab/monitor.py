@@ -109,11 +109,11 @@ def status_changed(c: CloudState, host: Host, old: HostState) -> None:
             host.silent_since = c.clock()
         return
     host.lost = False  # a fresh probe: what it finds now decides
-    if host.power == POWER_ON:
-        host_answers(c, host)
-    elif timing is not None:
+    # Never inside the call: a real oned 7.4 answers `one.host.status` with the host INIT (or DISABLED), capacity
+    # still 0, and reports MONITORED ~3 s later, after its first monitoring message (seen). `fast`: the next tick.
+    if timing is not None:
         timing.start_probe(host)
-    else:
+    elif host.power != POWER_ON:
         host_silent(c, host)
 
 

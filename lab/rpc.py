@@ -72,7 +72,7 @@ LOGGED_CALLS = frozenset({"one.host.status", "one.host.info", "one.vm.action", "
                           "one.vm.migrate"})
 CALL_LOG_SIZE = 20_000
 
-ONED_VERSION = "7.2.0"
+ONED_VERSION = "7.4.0"
 
 
 class Faults:
@@ -429,7 +429,9 @@ def _first_int(args: tuple[Any, ...]) -> int:
 
 
 def _error(method: str, code: ErrorCode, message: str, obj_id: int) -> Reply:
-    return [False, f"[{method}] {message}", int(code), obj_id, 0]
+    """oned 7.4's failure: [False, message, code, -1, -1]; a missing object's id in the 4th element (seen on a real
+    oned: `[False, '[one.vm.deploy] Error getting virtual machine [99].', 1024, 99, -1]`)."""
+    return [False, f"[{method}] {message}", int(code), obj_id if code == ErrorCode.NO_EXISTS else -1, -1]
 
 
 def _in_range(vid: int, start: int, end: int) -> bool:

@@ -11,13 +11,15 @@ the cloud's lock held): no thread per host, no sleeps. What happened is kept in 
 so tests and the RTO bench can read the timeline back.
 
 Where each timeline comes from (release-7.4.0):
-- Host monitoring: `src/monitor/etc/monitord.conf` (PROBES_PERIOD BEACON_HOST = 30, IM_MAD `-r 3`),
+- Host monitoring: `src/monitor/etc/monitord.conf` (PROBES_PERIOD BEACON_HOST = 30),
   `src/monitor/src/monitor/MonitorConfigTemplate.cc` (MANAGER_TIMER 15), `share/etc/oned.conf`
   (MONITORING_INTERVAL_HOST 180), `src/monitor/src/monitor/HostMonitorManager.cc`: `timer_action` runs every
   MANAGER_TIMER and, for each host whose last message is older than MONITORING_INTERVAL_HOST, calls
   `start_host_monitor` (the IM driver's SSH `start_monitor`); only `start_monitor_failure` sets the host ERROR, and
-  oned then sets its RUNNING VMs UNKNOWN in the same step. `src/mad/ruby/CommandManager.rb` (RemotesCommand.run):
-  a failed remote command is retried `-r` times, 1 s apart.
+  oned then sets its RUNNING VMs UNKNOWN in the same step. `src/im_mad/im_exec/one_im_exec.rb` `start_monitor`
+  first runs `HostSyncManager#update_remotes` (`src/mad/ruby/HostSyncManager.rb`): one `SSHCommand.run`, no retry
+  (IM_MAD's `-r` applies to RemotesCommand only); on a dead host it fails ("Could not update remotes") after one
+  SSH failure. Seen on a real oned 7.4 (dummy IM made to fail): one attempt, START_MONITOR failure, VMs UNKNOWN.
 - Driver operations: `src/lcm/LifeCycleActions.cc` `clean_up_vm`: `recover 4` of a RUNNING/UNKNOWN VM runs the VMM
   driver's cleanup on the old host before the VM is PENDING (on a dead host: an SSH failure). VM_MAD and TM_MAD run
   at most `-t 15` actions at once (`share/etc/oned.conf`).
@@ -59,8 +61,6 @@ class Profile:
     beacon_s: float = 30.0  # PROBES_PERIOD/BEACON_HOST: how often a live host's agent reports
     monitoring_interval_s: float = 180.0  # MONITORING_INTERVAL_HOST: silence before start_monitor is retried
     ssh_fail_s: float = 3.0  # one SSH attempt to a dead host (flat network: ARP gives up, "no route to host")
-    im_retries: int = 3  # IM_MAD `-r 3`
-    retry_pause_s: float = 1.0  # RemotesCommand.run sleeps 1 s between attempts
     cleanup_s: float = 1.0  # VMM cleanup on a reachable host
     prolog_shared_s: float = 1.0  # prolog on a shared system datastore (links)
     prolog_copy_s: float = 20.0  # prolog on a local (ssh) system datastore (copies the disks)
@@ -84,8 +84,8 @@ class Profile:
 
     @property
     def start_monitor_s(self) -> float:
-        """How long the IM driver's start_monitor takes to fail on a dead host, retries included."""
-        return (1 + self.im_retries) * self.ssh_fail_s + self.im_retries * self.retry_pause_s
+        """How long the IM driver's start_monitor takes to fail on a dead host."""
+        return self.ssh_fail_s  # update_remotes' one SSH mkdir (see the module docstring)
 
 
 PRODUCTION = Profile("production")

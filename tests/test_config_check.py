@@ -50,7 +50,7 @@ def test_a_ready_world_passes(tmp_path: Path, redis_url: str) -> None:
     for name in ("oned reachable", "oned version", "oned credentials", "OpenNebula host_error hook", "redis",
                  "broker", "fencing (default)", "metrics port (worker)", "ZeroMQ"):
         assert any(line.startswith(f"✓ {name}") for line in res.stdout.splitlines()), (name, res.stdout)
-    assert "7.2.0" in res.stdout and "accepted as oneadmin" in res.stdout
+    assert "7.4.0" in res.stdout and "accepted as oneadmin" in res.stdout
     doc = json.loads(as_json.stdout)
     assert doc["ok"] is True and {c["status"] for c in doc["checks"]} <= {"ok", "warn"}
 

@@ -106,7 +106,9 @@ def test_enable_from_disabled_is_monitored_from_offline_or_error_init_then_a_pro
     assert [e[2] for e in events] == ["DISABLED", "MONITORED"]  # no INIT: capacity known
     events.clear()
     cloud.host_status(0, 2)
-    cloud.host_status(0, 0)  # from OFFLINE: INIT (capacity wiped); the host answers the immediate probe
+    cloud.host_status(0, 0)  # from OFFLINE: INIT, capacity still 0 when the call returns (a real oned 7.4: seen)
+    assert [e[2] for e in events] == ["OFFLINE", "INIT"] and "<TOTAL_CPU>0</TOTAL_CPU>" in host_xml(cloud, 0)
+    run_until(cloud, clock, clock() + 0.1)  # the immediate probe's answer: MONITORED, capacity known again
     assert [e[2] for e in events] == ["OFFLINE", "INIT", "MONITORED"]
     assert "<TOTAL_CPU>3200</TOTAL_CPU>" in host_xml(cloud, 0)
     events.clear()

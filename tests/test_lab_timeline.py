@@ -51,7 +51,7 @@ def test_profiles() -> None:
     assert profile_named("production") is PRODUCTION and profile_named("fast") is FAST and not FAST.timed
     quick = profile_named("production/20")
     assert quick.monitoring_interval_s == 9.0 and quick.manager_timer_s == 0.75 and quick.max_actions_per_host == 1
-    assert PRODUCTION.start_monitor_s == 4 * 3.0 + 3 * 1.0  # IM_MAD -r 3: four SSH attempts, 1 s apart
+    assert PRODUCTION.start_monitor_s == 3.0  # update_remotes: one SSH attempt, no retry
     with pytest.raises(ValueError, match="unknown lab profile"):
         profile_named("staging")
 
@@ -63,17 +63,17 @@ def test_silent_host_goes_error_on_the_next_timer_tick_after_the_interval_not_be
     cloud.host_kill(0)
     # Host 0 beacons at T0 + 9.27 + 30k (its phase, 0.309 of the period): its last beacon was T0 + 39.27. Silent
     # for 180 s at T0 + 219.27; monitord ticks at T0 + 15k, so the first tick that finds it is T0 + 225;
-    # start_monitor (4 SSH attempts of 3 s + 3 pauses of 1 s) fails 15 s later: ERROR at T0 + 240, its RUNNING VMs
-    # UNKNOWN in the same step.
+    # start_monitor (its update_remotes: one SSH attempt of 3 s) fails 3 s later: ERROR at T0 + 228, its RUNNING
+    # VMs UNKNOWN in the same step.
     assert timing.last_beacon(cloud.hosts[0]) == pytest.approx(T0 + 39.27, abs=0.01)
     run_until(cloud, clock, T0 + 224.75)
     assert cloud.hosts[0].state == HostState.MONITORED
     assert all(cloud.vms[v].lcm.name == "RUNNING" for v in vms)
     assert "start_monitor" not in {w for _, w, _ in timing.events}
-    run_until(cloud, clock, T0 + 239.75)
+    run_until(cloud, clock, T0 + 227.75)
     assert first(timing, "start_monitor", 0) == T0 + 225
     assert cloud.hosts[0].state == HostState.MONITORED
-    run_until(cloud, clock, T0 + 240)
+    run_until(cloud, clock, T0 + 228)
     assert cloud.hosts[0].state == HostState.ERROR
     assert all(cloud.vms[v].lcm.name == "UNKNOWN" for v in vms)
     assert [h for h in cloud.hosts.values() if h.state == HostState.ERROR] == [cloud.hosts[0]]

@@ -29,7 +29,7 @@ def held_scheduler(window_s: float) -> Profile:
     """oned's timelines, 20 times faster, a host ERROR within ~0.5 s, and a scheduler that places only once its
     window (`window_s`) has passed: oneha has that long to place the VMs itself."""
     return replace(PRODUCTION.scaled(1 / 20, "held"), manager_timer_s=0.1, beacon_s=0.1, monitoring_interval_s=0.3,
-                   ssh_fail_s=0.05, im_retries=0, sched_timer_s=0.1, sched_max_wnd_time_s=window_s,
+                   ssh_fail_s=0.05, sched_timer_s=0.1, sched_max_wnd_time_s=window_s,
                    sched_max_wnd_length=100_000, sched_retry_s=1000.0)
 
 
