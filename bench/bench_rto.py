@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from bench.rto_lab import (
     make_lab,
     profile_factor,
     read_lab_marks,
+    stop_processes,
     wait_recovered,
     write_oneha_config,
 )
@@ -130,13 +130,7 @@ def run_oneha(profile: Profile, run: Run, timeout_s: float) -> Run:
             read_lab_marks(lab, run)
             return run
         finally:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+            stop_processes(procs)
             lab.stop()
             server.stop()
 

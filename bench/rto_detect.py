@@ -14,7 +14,6 @@ these runs take turns (`_ONE_AT_A_TIME`); the other contenders run beside them.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from bench.rto_lab import (
     make_lab,
     profile_factor,
     read_lab_marks,
+    stop_processes,
     wait_recovered,
     write_oneha_config,
 )
@@ -96,16 +96,6 @@ def start_processes(env: dict[str, str], log_path: Path) -> list[subprocess.Pope
     for argv, extra in argvs:
         procs.append(subprocess.Popen(argv, stdout=log, stderr=log, env={**env, **extra}, start_new_session=True))
     return procs
-
-
-def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def detect_marks(store: IncidentStore, failed: list[int], cut: float) -> dict[str, float | None]:

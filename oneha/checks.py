@@ -259,7 +259,8 @@ def _detectors_check(settings: Settings) -> Check:
 
 
 def _heartbeats_check(settings: Settings) -> Check:
-    from oneha.timing_rule import DETECTOR_FILE, MAX_HEARTBEAT_BYTES, Heartbeat, fits
+    from oneha.detect.heartbeats import read
+    from oneha.timing_rule import DETECTOR_FILE, fits
 
     d = settings.detect
     if d.heartbeat_dir is None:
@@ -272,10 +273,8 @@ def _heartbeats_check(settings: Settings) -> Check:
     for path in sorted(d.heartbeat_dir.iterdir())[:10_000]:
         if path.name.startswith(".") or path.name == DETECTOR_FILE or not path.is_file():
             continue
-        try:
-            with path.open("rb") as f:
-                hb = Heartbeat.decode(f.read(MAX_HEARTBEAT_BYTES + 1))
-        except (OSError, ValueError):
+        hb = read(path)  # the detector's own bounded read
+        if hb is None:
             other.append(f"{path.name} (unreadable)")
             continue
         ok = hb.proves_self_fence and fits(hb.deadline_s, d.heartbeat_stale_s, d.heartbeat_margin_s)

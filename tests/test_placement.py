@@ -240,6 +240,46 @@ def test_a_deploy_whose_answer_is_lost_is_read_back_not_sent_again(tmp_path: Pat
         running_on(lab.rpc_url, vms)
 
 
+def test_a_deploy_oned_never_answers_is_not_tried_on_another_host(tmp_path: Path, redis_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """oned keeps a `one.vm.deploy` past `oned.abandon_after_s`: it may still apply it, so oneha deploys the VM
+    nowhere else (left to the scheduler, alerted); when oned gets to the call, the VM runs once, on that host."""
+    from oneha.incidents import Kind
+    from oneha.settings import load_settings
+    from oneha.workers.host_flow import recover_host
+    from oneha.workers.runtime import Runtime
+    from oneha.workers.vm_task import recover_host_vm
+    from tests.workerkit import write_config
+
+    with running_lab(hosts=3, **lab_options(window_s=60.0)) as lab:
+        url = lab.rpc_url
+        vm_id = call(url, "lab.vm.create", {"HOST": 0, "STATE": "RUNNING"})
+        monkeypatch.setenv("ONEHA_LAB_URL", url)  # the lab's fence command
+        oned = {"read_timeout_s": 0.3, "connect_timeout_s": 0.3, "abandon_after_s": 1.0}
+        settings = load_settings(write_config(tmp_path, redis_url, url, policy={"host_action": "recreate"},
+                                              oned=oned))
+        sent: list[Any] = []
+        rt = Runtime.build(settings, send=lambda name, args, queue: sent.append(args))
+        try:
+            kill_and_wait_error(url, 0)
+            call(url, "lab.faults", {"hang_methods": ["one.vm.deploy"]})
+            try:
+                inc = rt.store.report(Kind.HOST, 0, 0, 0.0, "test").incident_id
+                assert recover_host(rt, inc) == "dispatched"
+                assert [recover_host_vm(rt, inc, vid) for _, vid in sent] == ["recovered"]
+                deploys_sent = call(url, "lab.stats")["calls"].get("one.vm.deploy", 0)
+                record = rt.store.vm_records(inc)[vm_id]
+                alerts = [e for e in rt.store.log(inc) if e.get("event") == "alert"]
+            finally:
+                call(url, "lab.faults", {"hang_methods": []})
+        finally:
+            rt.redis.close()
+        o = running_on(url, [vm_id])
+    assert deploys_sent == 1, f"deploy sent {deploys_sent} times"
+    assert record["placement"] == "scheduler" and "never answered" in record["placement_detail"], record
+    assert alerts and len(o["running"][str(vm_id)]) == 1
+
+
 def test_never_onto_a_host_another_open_incident_is_about(tmp_path: Path, redis_url: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     with running_lab(hosts=3, **lab_options(window_s=60.0)) as lab:

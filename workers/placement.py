@@ -229,6 +229,10 @@ def _deploy_somewhere(flow: Flow, vm: VmView, failed_host_id: int) -> dict[str, 
         if outcome is CallOutcome.GONE:
             unreserve(flow, vm, host_id)
             return {"placement": "none", "placement_detail": "VM no longer exists"}
+        if outcome is CallOutcome.ABANDONED:
+            # oned never answered and may still apply this deploy: no deploy onto another host meanwhile, and the
+            # room stays reserved until it expires (the VM may yet land there). run_call alerted.
+            return _by_scheduler(flow, vm.id, f"the deploy on host {host_id} was never answered", None)
         seen = confirm_placed(flow, vm.id) if outcome is not CallOutcome.WRONG_STATE else read_vm(flow, vm.id)
         if seen is not None and seen.state != VmState.PENDING:
             return _placed(flow, vm, host_id, seen)
